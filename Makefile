@@ -1,0 +1,33 @@
+# make demo : create .venv if missing, install groupopt + demo extras, run the main example
+# make test : create/update .venv, install groupopt + test extras (torch==2.13.0 CPU), run pytest
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP_TEST := $(VENV)/.stamp-test
+STAMP_DEMO := $(VENV)/.stamp-demo
+
+.PHONY: demo test bench docs clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP_TEST): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+$(STAMP_DEMO): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[demo]"
+	touch $@
+
+test: $(STAMP_TEST)
+	$(BIN)/python -m pytest tests
+
+demo: $(STAMP_DEMO)
+	$(BIN)/python examples/digits_groups.py
+
+bench: $(STAMP_TEST) $(STAMP_DEMO)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache outputs

@@ -1,0 +1,60 @@
+"""groupopt: per-parameter-group optimization for JAX, with torch.optim's numbers.
+
+Functional core (pure Optax):
+
+* :func:`grouped` -- one ``optax.GradientTransformation`` over parameter
+  groups, each with its own update rule, hyperparameters and schedules
+  (hyperparameters live in the state as arrays: editing them never recompiles).
+* :func:`group`, :data:`ALL`, :func:`rest`, :func:`partition` -- selecting
+  leaves (whole tree, NNX modules by identity, globs, regexes, predicates).
+* :func:`sgd`, :func:`adam`, :func:`adamw` -- torch-exact optimizers as
+  transformations (optionally grouped).
+* :class:`SGDRule`, :class:`AdamRule`, :class:`AdamWRule` -- the update rules.
+* :mod:`groupopt.schedules` -- jit-able ``count -> value`` schedules.
+
+torch-shaped API: :mod:`groupopt.compat` (``import groupopt.compat as optim``).
+"""
+
+from . import schedules
+from .groups import ALL, GroupPlan, partition, rest
+from .optimizers.adam import AdamRule, AdamWRule
+from .optimizers.base import Rule
+from .optimizers.sgd import SGDRule
+from .transform import Group, GroupConfig, GroupedState, GroupedTransformation, GroupState, group, grouped
+
+__version__ = "0.1.0"
+
+
+def sgd(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *, maximize=False, params=None, groups=None):
+    r"""torch.optim.SGD as an Optax transformation (see :class:`SGDRule` for the update).
+
+    Without ``params``/``groups`` it updates every leaf as one group; with them,
+    each group may override any argument (numbers or schedules).
+    """
+    return grouped(
+        params, groups, rule=SGDRule(nesterov=nesterov, maximize=maximize),
+        lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+    )
+
+
+def adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *, maximize=False, params=None, groups=None):
+    r"""torch.optim.Adam (coupled L2 weight decay) as an Optax transformation (see :class:`AdamRule`)."""
+    return grouped(
+        params, groups, rule=AdamRule(amsgrad=amsgrad, maximize=maximize),
+        lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+    )
+
+
+def adamw(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *, maximize=False, params=None, groups=None):
+    r"""torch.optim.AdamW (decoupled weight decay ``p *= 1 - lr*wd``) as an Optax transformation (see :class:`AdamRule`)."""
+    return grouped(
+        params, groups, rule=AdamWRule(amsgrad=amsgrad, maximize=maximize),
+        lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+    )
+
+
+__all__ = [
+    "ALL", "GroupPlan", "partition", "rest", "group", "grouped", "Group", "GroupConfig", "GroupState",
+    "GroupedState", "GroupedTransformation", "Rule", "SGDRule", "AdamRule", "AdamWRule",
+    "sgd", "adam", "adamw", "schedules",
+]

@@ -1,0 +1,16 @@
+"""torch.optim's API over groupopt's core: ``import groupopt.compat as optim``.
+
+``optim.SGD``, ``optim.Adam``, ``optim.AdamW`` take torch's arguments (a
+module, a list of Variables, or a list of group dicts) and keep torch's
+``param_groups``, ``defaults``, ``state``, ``add_param_group``, ``zero_grad``,
+``step``, ``state_dict`` and ``load_state_dict``; ``optim.lr_scheduler`` has
+torch's schedulers. See :mod:`groupopt.compat.params` for how parameters and
+gradients are matched.
+"""
+
+from . import lr_scheduler
+from .adam import Adam, AdamW
+from .optimizer import Optimizer, required
+from .sgd import SGD
+
+__all__ = ["Optimizer", "required", "SGD", "Adam", "AdamW", "lr_scheduler"]

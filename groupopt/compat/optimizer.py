@@ -1,0 +1,497 @@
+"""``groupopt.compat.Optimizer``: torch.optim.Optimizer's face over the grouped core.
+
+This class is bookkeeping only: ``param_groups`` dicts, ``defaults``, the
+``state`` view, validation and the ``state_dict`` format. The arithmetic is the
+core's (:func:`groupopt.transform.apply_groups` with the rule of the subclass).
+
+Each ``step`` reads every group's hyperparameters from ``param_groups`` on the
+host and passes them to one jitted call, as arrays: editing
+``param_groups[i]["lr"]`` (by hand or by a scheduler) never recompiles.
+Structure -- which parameters exist, how they are grouped, boolean options
+such as ``nesterov`` -- is part of the compiled program: ``add_param_group`` or
+flipping an option recompiles once. ``num_compiles`` counts the compilations.
+
+Gradients: ``step(grads)`` takes the gradients of the whole model (see
+:mod:`groupopt.compat.params` for how they are matched to group members), or
+``step(closure)`` with a closure returning ``(loss, grads)``; ``step()`` with
+no argument uses the gradients summed by :meth:`Optimizer.accumulate_grad`
+since the last :meth:`Optimizer.zero_grad` (torch's ``backward()`` adds into
+``.grad`` the same way).
+"""
+
+from __future__ import annotations
+
+import copy
+import numbers
+import warnings
+from typing import Any, Callable, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..groups import GroupPlan, _is_module, _is_variable, ALL
+from ..optimizers.base import Rule, hparam_dtype
+from ..transform import GroupConfig, GroupedState, GroupState, apply_groups, init_group_state
+from .params import NNXBinding, TreeBinding, TreeParam, is_tree, make_binding
+
+__all__ = ["Optimizer", "required"]
+
+
+class _RequiredParameter:
+    """Singleton class representing a required parameter for an Optimizer."""
+
+    def __repr__(self) -> str:
+        return "<required parameter>"
+
+
+required = _RequiredParameter()
+
+
+def _typename(x) -> str:
+    if isinstance(x, (bool, int, float, str)):
+        return type(x).__name__
+    return f"{type(x).__module__}.{type(x).__name__}" if type(x).__module__ != "builtins" else type(x).__name__
+
+
+def _to_numpy(x):
+    """numpy copy of an array-like (jax, numpy or a torch tensor: torch is never imported here)."""
+    if hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor
+        return x.detach().cpu().numpy()
+    return np.array(x, copy=True)
+
+
+class _StateView(dict):
+    """``optimizer.state``: per-parameter state, keyed by the parameter object (by identity)."""
+
+    def __init__(self, entries: list):
+        super().__init__()
+        self._entries = entries  # list of (param, state dict)
+
+    def __getitem__(self, param):
+        for p, s in self._entries:
+            if p is param:
+                return s
+        return {}
+
+    def __contains__(self, param):
+        return any(p is param for p, _ in self._entries)
+
+    def __iter__(self):
+        return (p for p, _ in self._entries)
+
+    def __len__(self):
+        return len(self._entries)
+
+    def keys(self):
+        return [p for p, _ in self._entries]
+
+    def values(self):
+        return [s for _, s in self._entries]
+
+    def items(self):
+        return list(self._entries)
+
+    def __repr__(self):
+        return f"OptimizerState({len(self)} parameters with state)"
+
+
+class Optimizer:
+    """Base class of the compat optimizers (``torch.optim.Optimizer``'s API).
+
+    Subclasses set ``_rule_cls`` (the core update rule) and build ``defaults``
+    in torch's key order, validating them with torch's messages.
+    """
+
+    _rule_cls: ClassVar[type[Rule]]
+
+    def __init__(self, params, defaults: dict, *, model=None):
+        if isinstance(params, jax.Array) or _is_variable(params) or isinstance(params, np.ndarray):
+            raise TypeError(
+                "params argument given to the optimizer should be an iterable of Tensors or dicts, "
+                f"but got {_typename(params)}"
+            )
+        self.defaults = defaults
+        self.param_groups: list[dict] = []
+        self._binding = make_binding(params, model)
+        self._groups_state: list[GroupState] = []  # core per-group state, aligned with param_groups
+        self._count = jnp.zeros((), jnp.int32)
+        self._rules: list[Rule] = []
+        self._step_fns: dict = {}
+        self._grad_idx: dict = {}
+        self._grad_acc = None
+        self._adder = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+        self.num_compiles = 0
+
+        if _is_module(params):
+            groups = [{"params": params}]
+        elif is_tree(params):
+            groups = [{"params": ALL}]
+        else:
+            groups = list(params)
+            if len(groups) == 0:
+                raise ValueError("optimizer got an empty parameter list")
+            if not isinstance(groups[0], dict):
+                groups = [{"params": groups}]
+        for g in groups:
+            self.add_param_group(g)
+
+    # ------------------------------------------------------------------ groups
+
+    def _resolve_members(self, params, where: str):
+        if _is_variable(params) or isinstance(params, TreeParam) or _is_module(params):
+            items = [params]
+        elif isinstance(params, set):
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but "
+                "the ordering of tensors in sets will change between runs. Please use a list instead."
+            )
+        elif isinstance(self._binding, TreeBinding) and not isinstance(params, (list, tuple)):
+            items = [params]  # a selector or a sub-tree
+        elif isinstance(params, (str, jax.Array)) or callable(params) and not hasattr(params, "__iter__"):
+            items = [params]
+        else:
+            items = list(params)
+        members, names = [], []
+        for item in items:
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                names.append(item[0])
+                item = item[1]
+            resolved = self._binding.resolve(item, where)
+            members.extend(resolved)
+        if names and len(names) != len(items):
+            raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+        if names and len(names) != len(members):
+            raise ValueError("named parameters must each name a single parameter (a Variable or array), not a module")
+        return members, names
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group (torch semantics: defaults fill missing keys; a parameter may be in one group only).
+
+        Costs exactly one recompilation at the next step. On error nothing changes.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        params = param_group["params"]
+        where = f"param group {len(self.param_groups)}"
+        members, names = self._resolve_members(params, where)
+        for name, default in self.defaults.items():
+            if default is required and name not in param_group:
+                raise ValueError(f"parameter group didn't specify a value of required optimization parameter {name}")
+        unique = []
+        for m in members:
+            if not any(m is u for u in unique):
+                unique.append(m)
+        if len(unique) != len(members):
+            warnings.warn(
+                "optimizer contains a parameter group with duplicate parameters; "
+                "in future, this will cause an error; "
+                "see github.com/pytorch/pytorch/issues/40967 for more information",
+                stacklevel=2,
+            )
+            members = unique
+        has_names = bool(names) or "param_names" in param_group
+        for group in self.param_groups:
+            if has_names != ("param_names" in group):
+                txt = "with names" if has_names else "without names"
+                raise ValueError(
+                    "all optimizer param groups should be with/without names. "
+                    f"cannot add param group {txt} to the optimizer"
+                )
+        seen = {id(m) for group in self.param_groups for m in group["params"]}
+        if any(id(m) in seen for m in members):
+            raise ValueError("some parameters appear in more than one parameter group")
+        if not members:
+            raise ValueError(f"{where} selects no parameter")
+        # validated: build the group's state before touching anything
+        candidate = dict(param_group)
+        candidate["params"] = members
+        if names:
+            candidate["param_names"] = names
+        for name, default in self.defaults.items():
+            candidate.setdefault(name, default)
+        rule = self._rule_for(candidate, where)
+        hp = self._host_hparams(candidate, where)
+        values = self._binding.get(members)
+        gstate = init_group_state(GroupConfig(where, rule, {}), hp, values)
+        # commit (the user's dict becomes the group, as in torch)
+        if isinstance(self._binding, NNXBinding):
+            self._binding.tag(members)
+        param_group.clear()
+        param_group.update(candidate)
+        self.param_groups.append(param_group)
+        self._rules.append(rule)
+        self._groups_state.append(gstate)
+
+    # ------------------------------------------------------------------ hyperparameters
+
+    def _rule_for(self, group: dict, where: str) -> Rule:
+        import dataclasses
+
+        opts = {f.name: bool(group[f.name]) for f in dataclasses.fields(self._rule_cls) if f.name in group}
+        return self._rule_cls(**opts).specialize(self._numbers(group, where))
+
+    def _numbers(self, group: dict, where: str) -> dict:
+        out = {}
+        for k, default in self._rule_cls.hyperparams.items():
+            v = group[k]
+            if isinstance(default, tuple):
+                if not isinstance(v, (tuple, list)) or len(v) != len(default):
+                    raise ValueError(f"{where}: {k} must be a sequence of {len(default)} numbers, got {v!r}")
+                out[k] = tuple(self._number(x, f"{where}: {k}") for x in v)
+            else:
+                out[k] = self._number(v, f"{where}: {k}")
+        return out
+
+    @staticmethod
+    def _number(v, where):
+        if isinstance(v, bool) or not (isinstance(v, numbers.Real) or (hasattr(v, "shape") and np.size(v) == 1)):
+            raise TypeError(f"{where} must be a number, got {v!r}")
+        return float(v)
+
+    def _host_hparams(self, group: dict, where: str) -> dict:
+        dt = np.dtype(hparam_dtype())
+        out = {}
+        for k, v in self._numbers(group, where).items():
+            out[k] = tuple(np.asarray(x, dt) for x in v) if isinstance(v, tuple) else np.asarray(v, dt)
+        return out
+
+    # ------------------------------------------------------------------ step
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget the gradients summed by :meth:`accumulate_grad` (torch: ``p.grad = None``)."""
+        self._grad_acc = None
+
+    def accumulate_grad(self, grads) -> None:
+        """Add ``grads`` to the pending gradients, as torch's ``backward()`` adds into ``.grad``."""
+        self._grad_acc = grads if self._grad_acc is None else self._adder(self._grad_acc, grads)
+
+    def _structure(self):
+        rules = []
+        for i, group in enumerate(self.param_groups):
+            rules.append(self._rule_for(group, f"param group {i}"))
+        return rules
+
+    def _sync_structure(self, rules):
+        """Re-initialise state whose structure changed because an option was edited."""
+        for i, (old, new) in enumerate(zip(self._rules, rules)):
+            if old == new:
+                continue
+            group = self.param_groups[i]
+            fresh = init_group_state(
+                GroupConfig(str(i), new, {}), self._host_hparams(group, f"param group {i}"), self._binding.get(group["params"])
+            )
+            gs = self._groups_state[i]
+            slots = {n: gs.slots[n] if n in gs.slots else fresh.slots[n] for n in new.slot_names()}
+            scalars = {n: gs.scalars[n] if n in gs.scalars else fresh.scalars[n] for n in fresh.scalars}
+            self._groups_state[i] = GroupState(gs.step, scalars, slots)
+            self._rules[i] = new
+
+    def _step_fn(self, rules, grads, members):
+        treedef = jax.tree.structure(grads)
+        sizes = tuple(len(g["params"]) for g in self.param_groups)
+        key = (tuple(rules), sizes, treedef)
+        fn = self._step_fns.get(key)
+        if fn is not None:
+            return fn
+        gkey = (sizes, treedef)
+        idx = self._grad_idx.get(gkey)
+        if idx is None:
+            idx = self._grad_idx[gkey] = self._binding.grad_indices(grads, members)
+        configs = tuple(GroupConfig(str(i), r, {k: 0.0 for k in r.hyperparams}) for i, r in enumerate(rules))
+        labels = [g for g, n in enumerate(sizes) for _ in range(n)]
+        plan = GroupPlan.from_labels([str(i) for i in range(len(labels))], labels, [str(i) for i in range(len(sizes))])
+
+        def step(values, grads, groups_state, count, hparams):
+            self.num_compiles += 1  # runs once per trace, i.e. per compilation
+            leaves = jax.tree.leaves(grads, is_leaf=_is_variable)
+            leaves = [x.get_value() if _is_variable(x) else x for x in leaves]
+            sel = [leaves[i] for i in idx]
+            state = GroupedState(count, hparams, groups_state)
+            new_values, new_state = apply_groups(configs, plan, state, sel, values)
+            return new_values, new_state.groups, new_state.count
+
+        fn = self._step_fns[key] = jax.jit(step, donate_argnums=(0, 2))
+        return fn
+
+    def step(self, grads=None):
+        """One optimizer step.
+
+        Args:
+          grads: the model's gradients, or a closure returning ``(loss, grads)``
+            (its loss is returned, as in torch), or ``None`` to use the
+            gradients gathered by :meth:`accumulate_grad`; with none gathered,
+            nothing happens (torch skips parameters whose ``grad`` is None).
+        """
+        self._opt_called = True  # read by the schedulers' order warning
+        loss = None
+        if callable(grads) and not isinstance(grads, dict) and not hasattr(grads, "items"):
+            out = grads()
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError("step(closure): the closure must return (loss, grads)")
+            loss, grads = out
+        if grads is None:
+            grads = self._grad_acc
+            if grads is None:
+                return loss
+        rules = self._structure()
+        hparams = tuple(self._host_hparams(g, f"param group {i}") for i, g in enumerate(self.param_groups))
+        self._sync_structure(rules)
+        members = [m for g in self.param_groups for m in g["params"]]
+        fn = self._step_fn(rules, grads, members)
+        values = self._binding.get(members)
+        new_values, groups_state, self._count = fn(values, grads, tuple(self._groups_state), self._count, hparams)
+        self._binding.set(members, new_values)
+        self._groups_state = list(groups_state)
+        return loss
+
+    # ------------------------------------------------------------------ pytree mode
+
+    @property
+    def params(self):
+        """Tree mode: the current parameter tree (the optimizer replaces it at each step)."""
+        if not isinstance(self._binding, TreeBinding):
+            raise AttributeError("params: this optimizer updates NNX Variables in place; read them from the model")
+        return self._binding.tree
+
+    # ------------------------------------------------------------------ state
+
+    def _param_state(self, gi: int, k: int) -> dict:
+        """torch's per-parameter state dict for member ``k`` of group ``gi`` ({} when torch has none)."""
+        rule, gs = self._rules[gi], self._groups_state[gi]
+        entry = rule.torch_scalars(gs.step, gs.scalars)
+        if entry is None:
+            return {}
+        for name in rule.slot_names():
+            entry[name] = gs.slots[name][k]
+        return entry
+
+    @property
+    def state(self):
+        """Per-parameter state, like torch's ``optimizer.state[param]`` (read-only arrays)."""
+        entries = []
+        for gi, group in enumerate(self.param_groups):
+            for k, p in enumerate(group["params"]):
+                s = self._param_state(gi, k)
+                if s:
+                    entries.append((p, s))
+        return _StateView(entries)
+
+    def state_dict(self) -> dict:
+        """torch's format: ``{"state": {index: {...}}, "param_groups": [{..., "params": [indices]}]}``.
+
+        The arrays are numpy copies (a snapshot; torch returns live tensors).
+        """
+        state, groups, index = {}, [], 0
+        for gi, group in enumerate(self.param_groups):
+            packed = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+            ids = []
+            for k in range(len(group["params"])):
+                s = self._param_state(gi, k)
+                if s:
+                    state[index] = {n: np.array(v, copy=True) for n, v in s.items()}
+                ids.append(index)
+                index += 1
+            packed["params"] = ids
+            groups.append(packed)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load torch-format state (ours or real torch.optim's, tensors allowed).
+
+        Everything is checked before anything changes: on error the optimizer
+        is exactly as before.
+        """
+        if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from state_dict())")
+        saved_groups = copy.deepcopy(state_dict["param_groups"])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(g["params"]) != len(s["params"]) for g, s in zip(self.param_groups, saved_groups)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+        saved_state = state_dict["state"]
+        new_groups, new_rules, new_states = [], [], []
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            where = f"param group {gi}"
+            merged = {k: v for k, v in saved.items() if k != "params"}
+            if "param_names" not in merged and "param_names" in group:
+                merged["param_names"] = group["param_names"]
+            for k, v in self.defaults.items():
+                merged.setdefault(k, v)  # torch's __setstate__ re-adds missing keys
+            merged["params"] = group["params"]
+            rule = self._rule_for(merged, where)
+            values = self._binding.get(group["params"])
+            entries = []
+            for k, idx in enumerate(saved["params"]):
+                entry = saved_state.get(idx, saved_state.get(str(idx)))
+                entries.append(None if entry is None else {n: _to_numpy(v) for n, v in entry.items()})
+            gs = self._import_group(rule, merged, entries, values, saved["params"], where)
+            new_groups.append(merged)
+            new_rules.append(rule)
+            new_states.append(gs)
+        # commit
+        for group, merged in zip(self.param_groups, new_groups):
+            group.clear()
+            group.update(merged)
+        self._rules = new_rules
+        self._groups_state = new_states
+
+    def _import_group(self, rule: Rule, group: dict, entries: list, values: list, indices: list, where: str) -> GroupState:
+        fresh = init_group_state(GroupConfig(where, rule, {}), self._host_hparams(group, where), values)
+        present = [e for e in entries if e]
+        if not present:
+            return fresh
+        if len(present) != len(entries):
+            missing = [indices[k] for k, e in enumerate(entries) if not e]
+            raise ValueError(
+                f"{where}: parameters {missing} have no saved state while others in the group do; "
+                "groupopt keeps one step count per group"
+            )
+        steps, scalars = set(), None
+        slots = {n: [] for n in rule.slot_names()}
+        for k, (entry, value) in enumerate(zip(entries, values)):
+            idx = indices[k]
+            need = set(rule.torch_state_keys())
+            missing = sorted(need - set(entry))
+            if missing:
+                raise ValueError(
+                    f"{where}: saved state of parameter {idx} lacks {missing} (has {sorted(entry)}); "
+                    f"is it from a different optimizer than {type(self).__name__}?"
+                )
+            step, sc = rule.from_torch_scalars(entry)
+            steps.add(step)
+            scalars = sc
+            for n in rule.slot_names():
+                arr = entry[n]
+                if tuple(arr.shape) != tuple(value.shape):
+                    raise ValueError(
+                        f"{where}: state {n!r} of parameter {idx} has shape {tuple(arr.shape)}, "
+                        f"but the parameter has shape {tuple(value.shape)}"
+                    )
+                if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.complexfloating):
+                    raise ValueError(f"{where}: state {n!r} of parameter {idx} has dtype {arr.dtype}, expected floating")
+                sharding = getattr(value, "sharding", None)
+                slots[n].append(jax.device_put(arr.astype(value.dtype), sharding))
+        if len(steps) != 1:
+            raise ValueError(
+                f"{where}: saved per-parameter step counts differ ({sorted(steps)}); groupopt keeps one step count per group"
+            )
+        return GroupState(jnp.asarray(steps.pop(), jnp.int32), {**fresh.scalars, **scalars}, {n: tuple(v) for n, v in slots.items()})
+
+    # ------------------------------------------------------------------ misc
+
+    def __repr__(self) -> str:
+        format_string = self.__class__.__name__ + " ("
+        for i, group in enumerate(self.param_groups):
+            format_string += "\n"
+            format_string += f"Parameter Group {i}\n"
+            for key in sorted(group.keys()):
+                if key != "params":
+                    format_string += f"    {key}: {group[key]}\n"
+        format_string += ")"
+        return format_string
+
+    def __getstate__(self):
+        raise TypeError(
+            f"{type(self).__name__} holds live parameters and compiled steps; pickle optimizer.state_dict() instead"
+        )

@@ -1,0 +1,237 @@
+"""How a compat optimizer holds its parameters and finds their gradients.
+
+Two kinds of parameters, as in torch where parameters are tensors:
+
+* **Flax NNX Variables** (``nnx.Param``): a group's ``"params"`` may be a
+  module, a Variable, or a list/iterator of them (``model.block2``,
+  ``model.fc.kernel``, ``[model.a, model.b]``). The optimizer updates them in
+  place, as torch updates tensors.
+
+  *How gradients are matched*: ``step(grads)`` takes the gradients of the whole
+  model (or of any module containing the group members), as ``nnx.grad``
+  returns them. At construction every member Variable gets a stable integer in
+  its metadata (``groupopt_uid``); ``nnx.grad`` copies Variable metadata into
+  the gradient State, so each gradient is matched to its Variable by that
+  integer -- by identity, not by path, so ``block1/l0/kernel`` and
+  ``block2/l0/kernel`` never mix, whatever module the grads were taken of.
+  Gradients of Variables that are in no group are ignored (those parameters
+  stay untouched). Tagging changes the Variables' metadata once, so a
+  function jitted over the model *before* the optimizer was built retraces
+  once.
+
+* **A plain pytree** (a linen ``params`` dict): the optimizer owns the tree
+  (``optimizer.params``), which it replaces at each step. Groups select leaves
+  of it by path (glob, regex, predicate) or by passing sub-trees of it
+  (matched by array identity at construction). ``step(grads)`` takes a
+  gradient tree with the same paths.
+
+``model=`` (an NNX module or a pytree) gives the root against which path
+selectors are resolved in either mode.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Any
+
+import jax
+
+from ..groups import _is_module, _is_variable, _matcher, as_param_tree, flatten_with_paths
+
+UID_KEY = "groupopt_uid"
+_uids = itertools.count(1)
+
+
+def variable_uid(var) -> int:
+    """The Variable's groupopt id, assigned once (stored in its metadata)."""
+    uid = var.get_metadata().get(UID_KEY)
+    if uid is None:
+        uid = next(_uids)
+        var.set_metadata(**{UID_KEY: uid})
+    return uid
+
+
+def _is_selector(x) -> bool:
+    return isinstance(x, (str, re.Pattern)) or (callable(x) and not _is_module(x) and not _is_variable(x))
+
+
+class TreeParam:
+    """One leaf of a tree-mode optimizer's parameter tree (what ``param_groups[i]["params"]`` holds)."""
+
+    __slots__ = ("owner", "index")
+
+    def __init__(self, owner: "TreeBinding", index: int):
+        self.owner, self.index = owner, index
+
+    @property
+    def path(self) -> str:
+        return self.owner.paths[self.index]
+
+    @property
+    def value(self):
+        return self.owner.leaves[self.index]
+
+    @property
+    def shape(self):
+        return self.value.shape
+
+    @property
+    def dtype(self):
+        return self.value.dtype
+
+    def __repr__(self):
+        return f"TreeParam({self.path!r}, shape={tuple(self.shape)}, dtype={self.dtype})"
+
+
+class Binding:
+    """Common interface of the two parameter kinds."""
+
+    def resolve(self, value, where: str) -> list:
+        raise NotImplementedError
+
+    def get(self, members) -> list:
+        raise NotImplementedError
+
+    def set(self, members, values) -> None:
+        raise NotImplementedError
+
+    def name(self, member) -> str | None:
+        raise NotImplementedError
+
+    def grad_indices(self, grads, members) -> tuple[int, ...]:
+        raise NotImplementedError
+
+
+class NNXBinding(Binding):
+    def __init__(self, root=None):
+        self.root = root
+        self._root_paths = None
+        if root is not None:
+            paths, leaves, _ = flatten_with_paths(as_param_tree(root))
+            self._root_paths = {id(v): p for p, v in zip(paths, leaves)}
+            self._root = (paths, leaves)
+
+    def resolve(self, value, where):
+        if _is_variable(value):
+            return [value]
+        if _is_module(value):
+            from flax import nnx
+
+            return list(jax.tree.leaves(nnx.state(value, nnx.Param), is_leaf=_is_variable))
+        if _is_selector(value):
+            if self.root is None:
+                raise TypeError(
+                    f"{where}: a path selector {value!r} needs the model: pass model=<root module> to the optimizer"
+                )
+            paths, leaves = self._root
+            m = _matcher(value, paths, leaves)
+            return [leaves[i] for i in range(len(leaves)) if m(i)]
+        hint = " (for a pytree of arrays, pass model=<the whole params tree>)" if isinstance(value, (dict, jax.Array)) else ""
+        raise TypeError(f"optimizer can only optimize Tensors, but one of the params is {type(value).__name__}{hint}")
+
+    def get(self, members):
+        return [v.get_value() for v in members]
+
+    def set(self, members, values):
+        for v, x in zip(members, values):
+            v.set_value(x)
+
+    def name(self, member):
+        return None if self._root_paths is None else self._root_paths.get(id(member))
+
+    def tag(self, members):
+        for v in members:
+            variable_uid(v)
+
+    def grad_indices(self, grads, members):
+        leaves = jax.tree.leaves(grads, is_leaf=_is_variable)
+        pos = {}
+        for i, leaf in enumerate(leaves):
+            if _is_variable(leaf):
+                uid = leaf.get_metadata().get(UID_KEY)
+                if uid is not None:
+                    pos[uid] = i
+        missing = []
+        out = []
+        for k, v in enumerate(members):
+            i = pos.get(variable_uid(v))
+            if i is None:
+                missing.append(k)
+            out.append(i)
+        if missing:
+            if not pos:
+                raise ValueError(
+                    "step(grads): the gradients carry no groupopt ids; pass the nnx.State that "
+                    "nnx.grad returns for the model (not a pure dict), so each gradient can be "
+                    "matched to its Variable"
+                )
+            raise ValueError(
+                f"step(grads): no gradient for parameters {missing[:10]} (index in optimizer order); "
+                "take grads of a module that contains every parameter given to the optimizer"
+            )
+        return tuple(out)
+
+
+class TreeBinding(Binding):
+    def __init__(self, tree):
+        tree = as_param_tree(tree)
+        self.paths, self.leaves, self.treedef = flatten_with_paths(tree)
+        self.refs = [TreeParam(self, i) for i in range(len(self.leaves))]
+        self._by_id = {}
+        for i, leaf in enumerate(self.leaves):
+            self._by_id.setdefault(id(leaf), i)
+
+    @property
+    def tree(self):
+        return jax.tree_util.tree_unflatten(self.treedef, self.leaves)
+
+    def resolve(self, value, where):
+        if isinstance(value, TreeParam):
+            return [value]
+        if _is_selector(value):
+            m = _matcher(value, self.paths, self.leaves)
+            return [self.refs[i] for i in range(len(self.leaves)) if m(i)]
+        # a sub-tree (or list of arrays) of the model's tree: match leaves by identity
+        out = []
+        for leaf in jax.tree.leaves(value):
+            i = self._by_id.get(id(leaf))
+            if i is None:
+                raise ValueError(
+                    f"{where}: a parameter of shape {getattr(leaf, 'shape', '?')} is not a leaf of the model "
+                    "tree this optimizer was built with"
+                )
+            out.append(self.refs[i])
+        return out
+
+    def get(self, members):
+        return [self.leaves[m.index] for m in members]
+
+    def set(self, members, values):
+        for m, x in zip(members, values):
+            self.leaves[m.index] = x
+
+    def name(self, member):
+        return member.path
+
+    def grad_indices(self, grads, members):
+        paths, _, _ = flatten_with_paths(grads)
+        pos = {p: i for i, p in enumerate(paths)}
+        missing = [m.path for m in members if m.path not in pos]
+        if missing:
+            raise ValueError(f"step(grads): grads tree has no gradient for {missing[:10]}")
+        return tuple(pos[m.path] for m in members)
+
+
+def is_tree(params) -> bool:
+    """A top-level dict that is not a torch group dict is a model's parameter tree."""
+    return isinstance(params, dict) and "params" not in params
+
+
+def make_binding(params, model) -> Binding:
+    """Tree mode when the model (or the params argument) is a plain pytree, else NNX mode."""
+    if model is not None:
+        return NNXBinding(model) if _is_module(model) else TreeBinding(model)
+    if is_tree(params):
+        return TreeBinding(params)
+    return NNXBinding()

@@ -1,0 +1,60 @@
+"""``groupopt.compat.SGD``: torch.optim.SGD over :class:`groupopt.SGDRule`."""
+
+from __future__ import annotations
+
+from ..optimizers.sgd import SGDRule
+from .optimizer import Optimizer
+
+__all__ = ["SGD"]
+
+
+class SGD(Optimizer):
+    r"""torch.optim.SGD: stochastic gradient descent with momentum.
+
+    The update is :class:`groupopt.SGDRule` (see there for the math); the
+    signature, defaults, group keys and validation are torch 2.13's.
+    ``foreach``, ``differentiable`` and ``fused`` are accepted and kept in the
+    groups (torch's keys) but change nothing: there is one jitted path.
+    """
+
+    _rule_cls = SGDRule
+
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        momentum=0,
+        dampening=0,
+        weight_decay=0,
+        nesterov=False,
+        *,
+        maximize=False,
+        foreach=None,
+        differentiable=False,
+        fused=None,
+        model=None,
+    ):
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "foreach": foreach,
+            "differentiable": differentiable,
+            "fused": fused,
+        }
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if fused and differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        super().__init__(params, defaults, model=model)

@@ -1,0 +1,276 @@
+"""Parameter groups: which leaf of a parameter pytree belongs to which group.
+
+This module is the single place where the group -> leaves mapping is computed.
+Everything else (the grouped transformation, the compat layer, state_dict
+conversion) consumes a :class:`GroupPlan`.
+
+Selectors (what a group's ``select`` / torch-style ``"params"`` may be):
+
+* ``None`` or :data:`ALL` -- every leaf (``model.parameters()``).
+* a Flax NNX ``Module`` or ``Variable`` (or a list of them) -- matched by
+  identity, like torch matches tensors. Needs a params tree that holds the
+  Variables (a module, or ``nnx.state(model)``).
+* a glob string over ``/``-joined paths: ``*`` matches inside one path
+  segment, ``**`` any number of segments. A pattern selects a node and every
+  leaf below it, so ``"encoder"`` selects the whole encoder subtree and
+  ``"encoder/**/kernel"`` selects its kernels.
+* a compiled regex (``re.compile``), ``fullmatch``-ed against each leaf path.
+* a predicate ``(path: str, leaf) -> bool``.
+* :func:`rest` -- every leaf no other group selects.
+* a list/tuple of any of these (their union).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+
+__all__ = ["ALL", "GroupPlan", "rest", "path_str", "flatten_with_paths", "partition"]
+
+
+class _All:
+    def __repr__(self):
+        return "ALL"
+
+
+ALL = _All()
+"""Selector matching every leaf of the tree."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rest:
+    def __repr__(self):
+        return "rest()"
+
+
+def rest() -> _Rest:
+    """Selector matching every leaf that no other group selects."""
+    return _Rest()
+
+
+def _key_str(key) -> str:
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def path_str(keypath) -> str:
+    """Render a jax key path as ``"a/b/kernel"``.
+
+    The trailing ``.value`` attribute that NNX Variables add is dropped, so the
+    path of a Variable and of its array are the same.
+    """
+    parts = [_key_str(k) for k in keypath]
+    if parts and parts[-1] == "value" and isinstance(keypath[-1], jax.tree_util.GetAttrKey):
+        parts = parts[:-1]
+    return "/".join(parts)
+
+
+def _is_variable(x) -> bool:
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax is a dependency
+        return False
+    return isinstance(x, nnx.Variable)
+
+
+def _is_module(x) -> bool:
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(x, nnx.Module)
+
+
+def as_param_tree(params):
+    """A Flax NNX module becomes ``nnx.state(module, nnx.Param)``; anything else is kept."""
+    if _is_module(params):
+        from flax import nnx
+
+        return nnx.state(params, nnx.Param)
+    return params
+
+
+def flatten_with_paths(tree) -> tuple[list[str], list[Any], Any]:
+    """Flatten ``tree`` to (paths, leaves, treedef); NNX Variables count as leaves."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
+    paths = [path_str(kp) for kp, _ in flat]
+    leaves = [leaf for _, leaf in flat]
+    return paths, leaves, treedef
+
+
+def _glob_to_regex(pattern: str) -> re.Pattern:
+    parts = [p for p in pattern.strip("/").split("/")]
+    out = []
+    for i, seg in enumerate(parts):
+        if seg == "**":
+            out.append("(?:[^/]+/)*" if i < len(parts) - 1 else "(?:[^/]+(?:/[^/]+)*)?")
+            continue
+        rx = ""
+        for ch in seg:
+            if ch == "*":
+                rx += "[^/]*"
+            elif ch == "?":
+                rx += "[^/]"
+            else:
+                rx += re.escape(ch)
+        out.append(rx + ("/" if i < len(parts) - 1 else ""))
+    body = "".join(out)
+    # A pattern selects a node and everything below it.
+    return re.compile(body + "(?:/.*)?")
+
+
+def _variables_of(obj) -> list:
+    """Variables selected by an NNX module/Variable (or a list of them), in graph order."""
+    from flax import nnx
+
+    if _is_variable(obj):
+        return [obj]
+    if _is_module(obj):
+        return [v for v in jax.tree.leaves(nnx.state(obj, nnx.Param), is_leaf=_is_variable)]
+    raise TypeError(f"not an NNX Module or Variable: {type(obj).__name__}")
+
+
+def _describe(selector) -> str:
+    if isinstance(selector, str):
+        return repr(selector)
+    if isinstance(selector, re.Pattern):
+        return f"re.compile({selector.pattern!r})"
+    if _is_module(selector) or _is_variable(selector):
+        return type(selector).__name__
+    if isinstance(selector, (list, tuple)):
+        return "[" + ", ".join(_describe(s) for s in selector) + "]"
+    return getattr(selector, "__name__", repr(selector))
+
+
+def _matcher(selector, paths, leaves) -> Callable[[int], bool] | None:
+    """Return a function leaf_index -> bool, or None for a rest() selector."""
+    if selector is None or isinstance(selector, _All):
+        return lambda i: True
+    if isinstance(selector, _Rest):
+        return None
+    if isinstance(selector, str):
+        rx = _glob_to_regex(selector)
+        return lambda i: rx.fullmatch(paths[i]) is not None
+    if isinstance(selector, re.Pattern):
+        return lambda i: selector.fullmatch(paths[i]) is not None
+    if _is_module(selector) or _is_variable(selector):
+        ids = {id(v) for v in _variables_of(selector)}
+        if not any(_is_variable(leaf) for leaf in leaves):
+            raise TypeError(
+                "an NNX Module/Variable selects by identity, so the params tree must hold the "
+                "Variables: pass the model itself or nnx.state(model), not raw arrays"
+            )
+        return lambda i: id(leaves[i]) in ids
+    if isinstance(selector, (list, tuple)):
+        subs = [_matcher(s, paths, leaves) for s in selector]
+        if any(s is None for s in subs):
+            raise TypeError("rest() cannot be combined with other selectors in a list")
+        return lambda i: any(s(i) for s in subs)
+    if callable(selector):
+        return lambda i: bool(selector(paths[i], leaves[i]))
+    raise TypeError(
+        f"cannot select parameters with {type(selector).__name__}: use a glob string, re.compile(...), "
+        "a predicate (path, leaf) -> bool, an NNX Module/Variable, ALL or rest()"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupPlan:
+    """The static assignment of leaves to groups.
+
+    Attributes:
+      paths: rendered path of every leaf, in tree-flatten order.
+      leaf_group: group index per leaf, ``-1`` for leaves in no group (frozen).
+      members: per group, the leaf indices in tree-flatten order. This order is
+        also torch's order for ``state_dict`` indices.
+      names: a display name per group.
+      treedef: the tree structure the plan was made for (``None`` for a plan made
+        without a tree: one group holding whatever tree it is given).
+    """
+
+    paths: tuple[str, ...]
+    leaf_group: tuple[int, ...]
+    members: tuple[tuple[int, ...], ...]
+    names: tuple[str, ...]
+    treedef: Any = None
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.members)
+
+    def frozen(self) -> tuple[int, ...]:
+        return tuple(i for i, g in enumerate(self.leaf_group) if g < 0)
+
+    @classmethod
+    def from_labels(cls, paths: Sequence[str], leaf_group: Sequence[int], names: Sequence[str], treedef=None):
+        members = [[] for _ in names]
+        for i, g in enumerate(leaf_group):
+            if g >= 0:
+                members[g].append(i)
+        return cls(tuple(paths), tuple(leaf_group), tuple(tuple(m) for m in members), tuple(names), treedef)
+
+    def check_paths(self, paths: Sequence[str], what: str = "grads") -> None:
+        """Raise a clear error if ``paths`` (of a tree given to update) differ from the plan's."""
+        if tuple(paths) == self.paths:
+            return
+        have, want = set(paths), set(self.paths)
+        missing = sorted(want - have)
+        extra = sorted(have - want)
+        msg = f"{what} tree does not match the parameter tree the groups were built for"
+        if missing:
+            msg += f"; missing: {missing[:10]}"
+        if extra:
+            msg += f"; unexpected: {extra[:10]}"
+        if not missing and not extra:
+            msg += "; same paths in a different order"
+        raise ValueError(msg)
+
+
+def partition(params, selectors: Sequence[Any], names: Sequence[str] | None = None) -> GroupPlan:
+    """Assign every leaf of ``params`` to at most one of ``selectors``.
+
+    Raises ``ValueError`` listing every leaf matched by more than one group (with
+    both groups' names). Leaves matched by no group are frozen (``leaf_group ==
+    -1``).
+    """
+    params = as_param_tree(params)
+    paths, leaves, treedef = flatten_with_paths(params)
+    names = [str(i) if names is None or names[i] is None else str(names[i]) for i in range(len(selectors))]
+    matchers = [_matcher(s, paths, leaves) for s in selectors]
+    rest_groups = [g for g, m in enumerate(matchers) if m is None]
+    if len(rest_groups) > 1:
+        raise ValueError(f"rest() is used by more than one group: {[names[g] for g in rest_groups]}")
+    leaf_group = [-1] * len(leaves)
+    clashes = []
+    for i in range(len(leaves)):
+        hits = [g for g, m in enumerate(matchers) if m is not None and m(i)]
+        if len(hits) > 1:
+            clashes.append(
+                f"{paths[i]!r} is in group {hits[0]} ({names[hits[0]]}) and group {hits[1]} ({names[hits[1]]})"
+            )
+        if hits:
+            leaf_group[i] = hits[0]
+        elif rest_groups:
+            leaf_group[i] = rest_groups[0]
+    if clashes:
+        raise ValueError(
+            "some parameters appear in more than one parameter group: " + "; ".join(clashes)
+        )
+    for g, sel in enumerate(selectors):
+        if matchers[g] is not None and not any(lg == g for lg in leaf_group):
+            raise ValueError(f"group {g} ({names[g]}) selects no parameter: selector {_describe(sel)}")
+    return GroupPlan.from_labels(paths, leaf_group, names, treedef)
+
+
+def describe_selector(selector) -> str:
+    return _describe(selector)

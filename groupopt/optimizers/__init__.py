@@ -1,0 +1,1 @@
+"""Update rules, one torch optimizer a module (see :class:`groupopt.optimizers.base.Rule`)."""

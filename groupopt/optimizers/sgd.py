@@ -1,0 +1,82 @@
+"""SGD with momentum, dampening, Nesterov and coupled weight decay, as torch.optim.SGD."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax.numpy as jnp
+
+from .base import Rule
+
+__all__ = ["SGDRule"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SGDRule(Rule):
+    r"""torch.optim.SGD's update, per parameter:
+
+    .. math::
+        g &\leftarrow -\nabla \text{ if maximize else } \nabla \\
+        g &\leftarrow g + \lambda p \\
+        b &\leftarrow g \text{ on the first step, else } \mu b + (1 - \tau) g \\
+        g &\leftarrow g + \mu b \text{ if nesterov else } b \\
+        p &\leftarrow p - \eta g
+
+    (``lr`` :math:`\eta`, ``momentum`` :math:`\mu`, ``dampening`` :math:`\tau`,
+    ``weight_decay`` :math:`\lambda`). With ``momentum == 0`` there is no buffer
+    and no state, as in torch; the first buffer is the gradient itself, without
+    :math:`(1-\tau)`.
+    """
+
+    nesterov: bool = False
+    maximize: bool = False
+    use_momentum: bool = True
+
+    name: ClassVar[str] = "SGD"
+    hyperparams: ClassVar[dict] = {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0}
+
+    def specialize(self, hparams):
+        m = hparams.get("momentum", 0.0)
+        if callable(m):
+            return self
+        return dataclasses.replace(self, use_momentum=float(m) != 0.0)
+
+    def slot_names(self):
+        return ("momentum_buffer",) if self.use_momentum else ()
+
+    def init_scalars(self, hparams):
+        # torch creates the buffer from the first gradient it sees; 0 until then.
+        return {"has_buffer": jnp.zeros((), jnp.bool_)} if self.use_momentum else {}
+
+    def counts_steps(self):
+        return False
+
+    def torch_scalars(self, step, scalars):
+        if not self.use_momentum or not bool(scalars["has_buffer"]):
+            return None
+        return {}
+
+    def from_torch_scalars(self, entry):
+        return 0, ({"has_buffer": jnp.ones((), jnp.bool_)} if self.use_momentum else {})
+
+    def prepare(self, hp, step, scalars):
+        coef = {
+            "neg_lr": -hp["lr"],
+            "wd": hp["weight_decay"],
+            "momentum": hp["momentum"],
+            "one_minus_dampening": 1 - hp["dampening"],
+        }
+        if self.use_momentum:
+            coef["has_buffer"] = scalars["has_buffer"]
+            scalars = {"has_buffer": jnp.ones((), jnp.bool_)}
+        return coef, scalars
+
+    def apply(self, grad, p, slots, c):
+        g = -grad if self.maximize else grad
+        g = g + c["wd"] * p
+        if self.use_momentum:
+            buf = jnp.where(c["has_buffer"], slots["momentum_buffer"] * c["momentum"] + c["one_minus_dampening"] * g, g)
+            g = g + c["momentum"] * buf if self.nesterov else buf
+            slots = {"momentum_buffer": buf}
+        return p + c["neg_lr"] * g, slots

@@ -1,0 +1,367 @@
+"""The grouped transformation: one Optax ``GradientTransformation`` over many groups.
+
+Each group has an update rule (:mod:`groupopt.optimizers`) and its own
+hyperparameters; a leaf belongs to at most one group (see
+:mod:`groupopt.groups`), and leaves in no group (or in a ``frozen`` group) are
+left untouched and get no state.
+
+Every leaf is traced once, with its own group's coefficients: no per-group
+masked copies of the whole tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from . import hyperparams as hpmod
+from .groups import ALL, GroupPlan, as_param_tree, describe_selector, partition, path_str
+from .optimizers.base import Rule, hparam_dtype
+
+__all__ = [
+    "Group",
+    "group",
+    "GroupConfig",
+    "GroupState",
+    "GroupedState",
+    "GroupedTransformation",
+    "grouped",
+]
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclasses.dataclass
+class Group:
+    """A group specification: what it selects, its rule and hyperparameters.
+
+    Build it with :func:`group`.
+    """
+
+    select: Any = ALL
+    rule: Rule | type | None = None
+    frozen: bool = False
+    name: str | None = None
+    options: dict = dataclasses.field(default_factory=dict)
+    hparams: dict = dataclasses.field(default_factory=dict)
+
+
+def group(select=ALL, *, rule: Rule | type | None = None, frozen: bool = False, name: str | None = None, **kwargs) -> Group:
+    """One parameter group.
+
+    Args:
+      select: which leaves (see :mod:`groupopt.groups`): a glob, a regex, a
+        predicate, an NNX Module/Variable, :data:`~groupopt.ALL`,
+        :func:`~groupopt.rest`, or a list of these.
+      rule: this group's update rule (an instance or class), if it differs from
+        the optimizer's.
+      frozen: leave these leaves untouched (no state), like params given to no
+        torch optimizer.
+      name: a display name for reports and errors.
+      **kwargs: hyperparameters (``lr=...``; numbers or schedules) and
+        structural options (``nesterov=True``) for this group.
+    """
+    return Group(select=select, rule=rule, frozen=frozen, name=name, hparams=kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupConfig:
+    """The resolved static configuration of one group."""
+
+    name: str
+    rule: Rule | None  # None: frozen
+    spec: dict  # hyperparameter name -> number | schedule | tuple of those
+
+    @property
+    def frozen(self) -> bool:
+        return self.rule is None
+
+
+def _split_kwargs(rule_cls, kwargs: dict, where: str, strict: bool = True):
+    fields = {f.name for f in dataclasses.fields(rule_cls)}
+    options = {k: v for k, v in kwargs.items() if k in fields}
+    hps = {k: v for k, v in kwargs.items() if k in rule_cls.hyperparams}
+    unknown = [k for k in kwargs if k not in fields and k not in rule_cls.hyperparams]
+    if unknown and strict:
+        raise TypeError(
+            f"{where}: {rule_cls.name} has no option or hyperparameter {unknown[0]!r} "
+            f"(hyperparameters: {list(rule_cls.hyperparams)}; options: {sorted(fields)})"
+        )
+    return options, hps
+
+
+def _resolve_rule(rule) -> Rule:
+    if isinstance(rule, type):
+        return rule()
+    if isinstance(rule, Rule):
+        return rule
+    raise TypeError(f"rule must be a groupopt Rule instance or class, got {type(rule).__name__}")
+
+
+def make_config(name: str, rule: Rule | None, defaults: dict, overrides: dict, where: str) -> GroupConfig:
+    """Merge a rule's torch defaults, optimizer-wide defaults and a group's overrides."""
+    if rule is None:
+        return GroupConfig(name, None, {})
+    rcls = type(rule)
+    d_opts, d_hps = _split_kwargs(rcls, defaults, where, strict=False)
+    g_opts, g_hps = _split_kwargs(rcls, overrides, where, strict=True)
+    options = {**rule.options(), **d_opts, **g_opts}
+    rule = dataclasses.replace(rule, **options)
+    spec = {**rcls.hyperparams, **d_hps, **g_hps}
+    for k, v in spec.items():
+        default = rcls.hyperparams[k]
+        if isinstance(default, tuple) and (not isinstance(v, (tuple, list)) or len(v) != len(default)):
+            raise ValueError(f"{where}: {k} must be a sequence of {len(default)} values, got {v!r}")
+    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+    return GroupConfig(name, rule.specialize(spec), spec)
+
+
+# --------------------------------------------------------------------------- state
+
+
+class GroupState(NamedTuple):
+    """State of one group: its step count, rule scalars, and per-leaf slots.
+
+    ``slots[name]`` is a tuple with one array per member leaf, in the group's
+    member order (torch's parameter order).
+    """
+
+    step: jax.Array
+    scalars: dict
+    slots: dict
+
+
+class GroupedState(NamedTuple):
+    """State of a grouped transformation.
+
+    Attributes:
+      count: number of updates applied (the argument of schedules).
+      hyperparams: per group, ``{name: array}`` of current hyperparameters.
+      groups: per group, a :class:`GroupState` (empty for frozen groups).
+    """
+
+    count: jax.Array
+    hyperparams: tuple
+    groups: tuple
+
+
+def init_group_state(config: GroupConfig, hparams: dict, leaves: Sequence) -> GroupState:
+    if config.frozen:
+        return GroupState(jnp.zeros((), jnp.int32), {}, {})
+    rule = config.rule
+    per_leaf = [rule.init_slots(leaf, hparams) for leaf in leaves]
+    slots = {name: tuple(s[name] for s in per_leaf) for name in rule.slot_names()}
+    return GroupState(jnp.zeros((), jnp.int32), rule.init_scalars(hparams), slots)
+
+
+def _cast_coefs(coef: dict, dtype) -> dict:
+    return {k: (v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v) for k, v in coef.items()}
+
+
+def update_group(config: GroupConfig, hparams: dict, gstate: GroupState, grads: Sequence, params: Sequence):
+    """Apply one group's rule to its member leaves: returns ``(new_params, new_group_state)``.
+
+    The scalar work (bias corrections, ...) is done once for the group; each
+    leaf then runs one elementwise computation.
+    """
+    rule = config.rule
+    step = gstate.step + 1
+    coef, scalars = rule.prepare(hparams, step.astype(hparam_dtype()), gstate.scalars)
+    coef = {k: jnp.asarray(v) for k, v in coef.items()}
+    by_dtype: dict = {}
+    names = rule.slot_names()
+    new_params, new_slots = [], {n: [] for n in names}
+    for i, (g, p) in enumerate(zip(grads, params)):
+        c = by_dtype.get(p.dtype)
+        if c is None:
+            c = by_dtype[p.dtype] = _cast_coefs(coef, p.dtype)
+        leaf_slots = {n: gstate.slots[n][i] for n in names}
+        new_p, s = rule.apply(g, p, leaf_slots, c)
+        new_params.append(new_p.astype(p.dtype))
+        for n in names:
+            new_slots[n].append(s[n].astype(leaf_slots[n].dtype))
+    return new_params, GroupState(step, scalars, {n: tuple(v) for n, v in new_slots.items()})
+
+
+def apply_groups(configs, plan: GroupPlan, state: GroupedState, grad_leaves, param_leaves):
+    """The whole grouped step on flat leaf lists: returns ``(new_param_leaves, new_state)``.
+
+    Leaves of frozen groups and of no group are returned as they are.
+    """
+    out = list(param_leaves)
+    new_hparams, new_groups = [], []
+    for g, config in enumerate(configs):
+        stored = state.hyperparams[g]
+        if config.frozen:
+            new_hparams.append(stored)
+            new_groups.append(state.groups[g])
+            continue
+        hp = hpmod.current(config.spec, stored, state.count)
+        idx = plan.members[g]
+        new_p, gs = update_group(config, hp, state.groups[g], [grad_leaves[i] for i in idx], [param_leaves[i] for i in idx])
+        for i, p in zip(idx, new_p):
+            out[i] = p
+        new_hparams.append(hp)
+        new_groups.append(gs)
+    return out, GroupedState(state.count + 1, tuple(new_hparams), tuple(new_groups))
+
+
+def init_state(configs, plan: GroupPlan, param_leaves) -> GroupedState:
+    hps, groups = [], []
+    for g, config in enumerate(configs):
+        hp = hpmod.initial_state(config.spec)
+        hps.append(hp)
+        groups.append(init_group_state(config, hp, [param_leaves[i] for i in plan.members[g]]))
+    return GroupedState(jnp.zeros((), jnp.int32), tuple(hps), tuple(groups))
+
+
+# --------------------------------------------------------------------------- transformation
+
+
+def _flat(tree):
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return [path_str(kp) for kp, _ in flat], [x for _, x in flat], treedef
+
+
+class GroupedTransformation(optax.GradientTransformationExtraArgs):
+    """An ``optax.GradientTransformation`` over parameter groups.
+
+    Besides ``init``/``update`` it offers:
+
+    * ``apply(params, grads, state) -> (new_params, new_state)``: the exact
+      torch step, computing the new parameters directly (``update`` returns
+      ``new_params - params`` for Optax compatibility, which can differ from
+      it by an ulp).
+    * ``set_hyperparams(state, group, **values)``: new state with some of a
+      group's hyperparameters replaced (no recompile).
+    * ``hyperparams(state)``: the current values, per group, as Python floats.
+    * ``configs`` and ``plan``: the resolved groups.
+    """
+
+    configs: tuple
+    plan: GroupPlan | None
+
+
+def _group_index(configs, group) -> int:
+    if isinstance(group, int):
+        if not 0 <= group < len(configs):
+            raise IndexError(f"group {group} out of range: there are {len(configs)} groups")
+        return group
+    for i, c in enumerate(configs):
+        if c.name == group:
+            return i
+    raise KeyError(f"no group named {group!r}; groups: {[c.name for c in configs]}")
+
+
+def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: Rule | type, **defaults) -> GroupedTransformation:
+    """Build one transformation that updates each group with its own rule and hyperparameters.
+
+    Args:
+      params: the parameter tree (a pytree of arrays, ``nnx.state(model)``,
+        or an NNX module, whose ``nnx.Param`` state is used). Groups are
+        matched against it once, here. May be ``None`` when ``groups`` is
+        ``None``: then one group holds every leaf of whatever tree ``init``
+        receives.
+      groups: a list of :func:`group` specs (or torch-style dicts with a
+        ``"params"`` selector). ``None``: one group with everything.
+      rule: the default update rule (e.g. ``groupopt.AdamWRule()``).
+      **defaults: hyperparameters (numbers or schedules) and options shared
+        by all groups; each group's own values win.
+    """
+    base_rule = _resolve_rule(rule)
+    if groups is None:
+        specs = [Group(select=ALL)]
+    else:
+        specs = []
+        for i, spec in enumerate(groups):
+            if isinstance(spec, dict):
+                spec = dict(spec)
+                if "params" not in spec:
+                    raise KeyError("params")
+                sel = spec.pop("params")
+                spec = group(sel, rule=spec.pop("rule", None), frozen=spec.pop("frozen", False), name=spec.pop("name", None), **spec)
+            elif not isinstance(spec, Group):
+                raise TypeError(f"group {i} must be a groupopt.group(...) or a dict, got {type(spec).__name__}")
+            specs.append(spec)
+        if not specs:
+            raise ValueError("optimizer got an empty parameter list")
+    names = [s.name if s.name is not None else (str(i) if groups is not None else "all") for i, s in enumerate(specs)]
+    configs = []
+    for i, s in enumerate(specs):
+        where = f"group {i} ({names[i]})"
+        r = None if s.frozen else (_resolve_rule(s.rule) if s.rule is not None else base_rule)
+        configs.append(make_config(names[i], r, defaults, s.hparams, where))
+    # defaults that no group's rule knows are a typo
+    known = set()
+    for c in configs:
+        if c.rule is not None:
+            known |= set(type(c.rule).hyperparams) | {f.name for f in dataclasses.fields(c.rule)}
+    unknown = [k for k in defaults if k not in known and k not in {f.name for f in dataclasses.fields(base_rule)} and k not in type(base_rule).hyperparams]
+    if unknown:
+        raise TypeError(f"unknown hyperparameter or option {unknown[0]!r} for {type(base_rule).name}")
+    configs = tuple(configs)
+
+    if params is None:
+        if groups is not None:
+            raise ValueError("groups need the parameter tree to match against: pass params")
+        plan = None
+    else:
+        plan = partition(as_param_tree(params), [s.select for s in specs], names)
+
+    def plan_for(paths):
+        if plan is None:
+            return GroupPlan.from_labels(paths, [0] * len(paths), names)
+        plan.check_paths(paths, "parameter")
+        return plan
+
+    def init_fn(params):
+        paths, leaves, _ = _flat(as_param_tree(params))
+        return init_state(configs, plan_for(paths), leaves)
+
+    def apply_fn(params, grads, state):
+        ppaths, pleaves, ptreedef = _flat(as_param_tree(params))
+        gpaths, gleaves, _ = _flat(grads)
+        p = plan_for(ppaths)
+        p.check_paths(gpaths, "grads")
+        new_leaves, new_state = apply_groups(configs, p, state, gleaves, pleaves)
+        return jax.tree_util.tree_unflatten(ptreedef, new_leaves), new_state
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError("groupopt transformations need params: call update(grads, state, params)")
+        gpaths, gleaves, gtreedef = _flat(updates)
+        _, pleaves, _ = _flat(as_param_tree(params))
+        p = plan_for(gpaths)
+        new_leaves, new_state = apply_groups(configs, p, state, gleaves, pleaves)
+        deltas = [n - o for n, o in zip(new_leaves, pleaves)]
+        return jax.tree_util.tree_unflatten(gtreedef, deltas), new_state
+
+    def set_hyperparams(state: GroupedState, group=0, **values) -> GroupedState:
+        g = _group_index(configs, group)
+        where = f"group {g} ({configs[g].name})"
+        for k in values:
+            if k in configs[g].spec and hpmod.has_schedule(configs[g].spec[k]):
+                raise ValueError(f"{where}: {k} follows a schedule; it cannot be set by hand")
+        hps = list(state.hyperparams)
+        hps[g] = hpmod.replace(hps[g], values, where)
+        return state._replace(hyperparams=tuple(hps))
+
+    def read_hyperparams(state: GroupedState) -> list[dict]:
+        def to_py(v):
+            return tuple(float(x) for x in v) if isinstance(v, tuple) else float(v)
+
+        return [{k: to_py(v) for k, v in hp.items()} for hp in state.hyperparams]
+
+    tx = GroupedTransformation(init_fn, update_fn)
+    tx.configs = configs
+    tx.plan = plan
+    tx.apply = apply_fn
+    tx.set_hyperparams = set_hyperparams
+    tx.hyperparams = read_hyperparams
+    return tx
