@@ -1,4 +1,4 @@
-"""``groupopt.compat.lr_scheduler``: torch.optim.lr_scheduler's schedulers.
+"""The scheduler base class and torch's basic schedulers (Lambda, Step, MultiStep, Exponential).
 
 A scheduler is a host-side driver: at each ``step()`` it evaluates one of the
 formulas in :mod:`groupopt.schedules` (closed form, or torch's recursive form
@@ -14,8 +14,8 @@ import warnings
 from collections import Counter
 from typing import Any, Callable
 
-from .. import schedules
-from .optimizer import Optimizer
+from ... import schedules
+from ..optimizer import Optimizer
 
 __all__ = ["LRScheduler", "LambdaLR", "StepLR", "MultiStepLR", "ExponentialLR"]
 

@@ -1,0 +1,11 @@
+"""Schedules: pure, jit-able ``count -> value`` functions, one formula per family.
+
+Each family's formula lives in exactly one place and is used both by the pure
+schedule (inside ``jit``, per group) and by the torch-style scheduler in
+:mod:`groupopt.compat.lr_scheduler` (on the host, in float64).
+"""
+
+from .basic import *  # noqa: F401,F403
+from .basic import __all__ as _basic_all
+
+__all__ = list(_basic_all)
