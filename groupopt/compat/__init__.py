@@ -12,5 +12,6 @@ from . import lr_scheduler
 from .adam import Adam, AdamW
 from .optimizer import Optimizer, required
 from .sgd import SGD
+from .torch_interop import load_torch_checkpoint, to_numpy, to_torch
 
-__all__ = ["Optimizer", "required", "SGD", "Adam", "AdamW", "lr_scheduler"]
+__all__ = ["Optimizer", "required", "SGD", "Adam", "AdamW", "lr_scheduler", "to_torch", "to_numpy", "load_torch_checkpoint"]

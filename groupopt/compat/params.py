@@ -37,7 +37,7 @@ from typing import Any
 
 import jax
 
-from ..groups import _is_module, _is_variable, _matcher, as_param_tree, flatten_with_paths
+from ..groups import _All, _is_module, _is_variable, _matcher, as_param_tree, flatten_with_paths
 
 UID_KEY = "groupopt_uid"
 _uids = itertools.count(1)
@@ -53,7 +53,7 @@ def variable_uid(var) -> int:
 
 
 def _is_selector(x) -> bool:
-    return isinstance(x, (str, re.Pattern)) or (callable(x) and not _is_module(x) and not _is_variable(x))
+    return isinstance(x, (str, re.Pattern, _All)) or (callable(x) and not _is_module(x) and not _is_variable(x))
 
 
 class TreeParam:

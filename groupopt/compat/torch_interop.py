@@ -1,0 +1,86 @@
+"""Moving optimizer state between groupopt and real ``torch.optim``.
+
+torch is optional at runtime: it is imported here only, inside the functions.
+
+* ``Optimizer.load_state_dict`` accepts a dict from ``torch.optim.X.state_dict()``
+  directly (tensors inside are converted).
+* :func:`to_torch` turns our ``state_dict()`` into one that
+  ``torch.optim.X.load_state_dict`` accepts (tensors; ``step`` a 0-d float32
+  tensor, as torch keeps it).
+* :func:`load_torch_checkpoint` reads a ``torch.save``d file with
+  ``weights_only=True`` and returns numpy arrays.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = ["to_torch", "to_numpy", "load_torch_checkpoint"]
+
+
+def _map_arrays(obj, fn):
+    if isinstance(obj, dict):
+        return {k: _map_arrays(v, fn) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_map_arrays(v, fn) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_map_arrays(v, fn) for v in obj)
+    return fn(obj)
+
+
+def to_torch(state_dict: dict) -> dict:
+    """Our ``state_dict()`` with every array in ``state`` as a torch tensor (``step``: float32 0-d)."""
+    import torch
+
+    def conv(v):
+        if isinstance(v, np.ndarray) or hasattr(v, "__array__") and not isinstance(v, (int, float, bool, str)):
+            return torch.from_numpy(np.array(v, copy=True))
+        return v
+
+    state = {}
+    for idx, entry in state_dict["state"].items():
+        out = {}
+        for k, v in entry.items():
+            t = conv(v)
+            if k == "step" and isinstance(t, torch.Tensor):
+                t = t.to(torch.float32)
+            out[k] = t
+        state[idx] = out
+    return {"state": state, "param_groups": copy.deepcopy(state_dict["param_groups"])}
+
+
+def to_numpy(state_dict: dict) -> dict:
+    """A torch optimizer ``state_dict`` with its tensors turned into numpy arrays (a copy)."""
+
+    def conv(v):
+        if hasattr(v, "detach") and hasattr(v, "numpy"):
+            return v.detach().cpu().numpy().copy()
+        return v
+
+    return {"state": _map_arrays(state_dict["state"], conv), "param_groups": _map_arrays(state_dict["param_groups"], conv)}
+
+
+def load_torch_checkpoint(path: str | os.PathLike, key: str | None = None) -> Any:
+    """Read a ``torch.save``d checkpoint safely (``weights_only=True``), tensors as numpy arrays.
+
+    ``key`` picks one entry of a dict checkpoint (e.g. ``"optimizer"``).
+    """
+    import torch
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if key is not None:
+        if not isinstance(obj, dict) or key not in obj:
+            have = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise KeyError(f"checkpoint {os.fspath(path)!r} has no entry {key!r} (it has {have})")
+        obj = obj[key]
+
+    def conv(v):
+        if hasattr(v, "detach") and hasattr(v, "numpy"):
+            return v.detach().cpu().numpy().copy()
+        return v
+
+    return _map_arrays(obj, conv)
