@@ -11,15 +11,26 @@ Functional core (pure Optax):
   transformations (optionally grouped).
 * :class:`SGDRule`, :class:`AdamRule`, :class:`AdamWRule` -- the update rules.
 * :mod:`groupopt.schedules` -- jit-able ``count -> value`` schedules.
+* :func:`layerwise_decay`, :func:`freeze_first` -- per-slice (per-layer)
+  hyperparameter vectors for stacked parameters (:mod:`groupopt.slices`).
 
 torch-shaped API: :mod:`groupopt.compat` (``import groupopt.compat as optim``).
 """
 
 from . import schedules
+from .slices import freeze_first, layerwise_decay
 from .groups import ALL, GroupPlan, partition, rest
 from .optimizers.adam import AdamRule, AdamWRule
 from .optimizers.base import Rule
 from .optimizers.sgd import SGDRule
+from .optimizers.rmsprop import RMSpropRule, rmsprop
+from .optimizers.adagrad import AdagradRule, adagrad
+from .optimizers.adadelta import AdadeltaRule, adadelta
+from .optimizers.adamax import AdamaxRule, adamax
+from .optimizers.nadam import NAdamRule, nadam
+from .optimizers.radam import RAdamRule, radam
+from .optimizers.rprop import RpropRule, rprop
+from .optimizers.asgd import ASGDRule, asgd
 from .transform import Group, GroupConfig, GroupedState, GroupedTransformation, GroupState, group, grouped
 
 __version__ = "0.1.0"
@@ -54,7 +65,9 @@ def adamw(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=Fals
 
 
 __all__ = [
+    "NAdamRule", "nadam", "RAdamRule", "radam", "RpropRule", "rprop", "ASGDRule", "asgd",
+    "RMSpropRule", "rmsprop", "AdagradRule", "adagrad", "AdadeltaRule", "adadelta", "AdamaxRule", "adamax",
     "ALL", "GroupPlan", "partition", "rest", "group", "grouped", "Group", "GroupConfig", "GroupState",
     "GroupedState", "GroupedTransformation", "Rule", "SGDRule", "AdamRule", "AdamWRule",
-    "sgd", "adam", "adamw", "schedules",
+    "sgd", "adam", "adamw", "schedules", "layerwise_decay", "freeze_first",
 ]

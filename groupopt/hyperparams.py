@@ -67,7 +67,10 @@ def replace(stored: dict[str, Any], updates: dict[str, Any], where: str) -> dict
         if isinstance(old, tuple):
             if not isinstance(v, (tuple, list)) or len(v) != len(old):
                 raise ValueError(f"{where}: {k} must be a sequence of {len(old)} values, got {v!r}")
-            out[k] = tuple(jnp.asarray(vi, dtype=o.dtype) for vi, o in zip(v, old))
+            out[k] = tuple(replace({k: o}, {k: vi}, where)[k] for vi, o in zip(v, old))
         else:
-            out[k] = jnp.asarray(v, dtype=old.dtype)
+            new = jnp.asarray(v, dtype=old.dtype)
+            if new.shape != old.shape:
+                raise ValueError(f"{where}: {k} has shape {old.shape}; got a value of shape {new.shape}")
+            out[k] = new
     return out

@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from . import hyperparams as hpmod
@@ -103,6 +104,36 @@ def _resolve_rule(rule) -> Rule:
     raise TypeError(f"rule must be a groupopt Rule instance or class, got {type(rule).__name__}")
 
 
+def _normalize_value(v, tuple_valued: bool):
+    """Lists become tuples for tuple-valued hyperparameters (betas) and 1-D per-slice arrays otherwise."""
+    if tuple_valued:
+        return tuple(_normalize_value(x, False) for x in v)
+    if isinstance(v, (list, tuple, np.ndarray)) or (isinstance(v, jax.Array) and v.ndim > 0):
+        arr = np.asarray(v, dtype=np.float64)
+        if arr.ndim != 1:
+            raise ValueError(f"a per-slice hyperparameter must be 1-D (one value per slice of axis 0), got shape {arr.shape}")
+        return arr
+    return v
+
+
+def _check_per_slice(config: GroupConfig, leaves, paths, where: str) -> None:
+    """A 1-D hyperparameter of length L needs every member leaf to have a leading axis of size L."""
+    def lengths(v):
+        if isinstance(v, tuple):
+            return [n for x in v for n in lengths(x)]
+        return [len(v)] if isinstance(v, np.ndarray) else []
+
+    for k, v in config.spec.items():
+        for n in lengths(v):
+            for leaf, path in zip(leaves, paths):
+                shape = getattr(leaf, "shape", ())
+                if len(shape) == 0 or shape[0] != n:
+                    raise ValueError(
+                        f"{where}: {k} has {n} per-slice values, but member {path!r} has shape {tuple(shape)} "
+                        f"(its leading axis must have size {n})"
+                    )
+
+
 def make_config(name: str, rule: Rule | None, defaults: dict, overrides: dict, where: str) -> GroupConfig:
     """Merge a rule's torch defaults, optimizer-wide defaults and a group's overrides."""
     if rule is None:
@@ -117,7 +148,7 @@ def make_config(name: str, rule: Rule | None, defaults: dict, overrides: dict, w
         default = rcls.hyperparams[k]
         if isinstance(default, tuple) and (not isinstance(v, (tuple, list)) or len(v) != len(default)):
             raise ValueError(f"{where}: {k} must be a sequence of {len(default)} values, got {v!r}")
-    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+    spec = {k: _normalize_value(v, isinstance(rcls.hyperparams[k], tuple)) for k, v in spec.items()}
     return GroupConfig(name, rule.specialize(spec), spec)
 
 
@@ -159,8 +190,16 @@ def init_group_state(config: GroupConfig, hparams: dict, leaves: Sequence) -> Gr
     return GroupState(jnp.zeros((), jnp.int32), rule.init_scalars(hparams), slots)
 
 
-def _cast_coefs(coef: dict, dtype) -> dict:
-    return {k: (v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v) for k, v in coef.items()}
+def _leaf_coefs(coef: dict, dtype, ndim: int) -> dict:
+    """Coefficients cast to a leaf's dtype; per-slice (1-D) ones shaped to broadcast along axis 0."""
+    out = {}
+    for k, v in coef.items():
+        if jnp.issubdtype(v.dtype, jnp.floating):
+            v = v.astype(dtype)
+        if v.ndim == 1:
+            v = v.reshape(v.shape + (1,) * (ndim - 1))
+        out[k] = v
+    return out
 
 
 def update_group(config: GroupConfig, hparams: dict, gstate: GroupState, grads: Sequence, params: Sequence):
@@ -177,9 +216,9 @@ def update_group(config: GroupConfig, hparams: dict, gstate: GroupState, grads: 
     names = rule.slot_names()
     new_params, new_slots = [], {n: [] for n in names}
     for i, (g, p) in enumerate(zip(grads, params)):
-        c = by_dtype.get(p.dtype)
+        c = by_dtype.get((p.dtype, p.ndim))
         if c is None:
-            c = by_dtype[p.dtype] = _cast_coefs(coef, p.dtype)
+            c = by_dtype[(p.dtype, p.ndim)] = _leaf_coefs(coef, p.dtype, p.ndim)
         leaf_slots = {n: gstate.slots[n][i] for n in names}
         new_p, s = rule.apply(g, p, leaf_slots, c)
         new_params.append(new_p.astype(p.dtype))
@@ -312,6 +351,9 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
         plan = None
     else:
         plan = partition(as_param_tree(params), [s.select for s in specs], names)
+        _, leaves, _ = _flat(as_param_tree(params))
+        for g, c in enumerate(configs):
+            _check_per_slice(c, [leaves[i] for i in plan.members[g]], [plan.paths[i] for i in plan.members[g]], f"group {g} ({c.name})")
 
     def plan_for(paths):
         if plan is None:

@@ -6,6 +6,7 @@ import dataclasses
 from typing import ClassVar
 
 import jax.numpy as jnp
+import numpy as np
 
 from .base import Rule
 
@@ -40,7 +41,7 @@ class SGDRule(Rule):
         m = hparams.get("momentum", 0.0)
         if callable(m):
             return self
-        return dataclasses.replace(self, use_momentum=float(m) != 0.0)
+        return dataclasses.replace(self, use_momentum=bool(np.any(np.asarray(m) != 0.0)))
 
     def slot_names(self):
         return ("momentum_buffer",) if self.use_momentum else ()
