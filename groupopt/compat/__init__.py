@@ -12,6 +12,14 @@ from . import lr_scheduler
 from .adam import Adam, AdamW
 from .optimizer import Optimizer, required
 from .sgd import SGD
+from .rmsprop import RMSprop
+from .adagrad import Adagrad
+from .adadelta import Adadelta
+from .adamax import Adamax
+from .nadam import NAdam
+from .radam import RAdam
+from .rprop import Rprop
+from .asgd import ASGD
 from .torch_interop import load_torch_checkpoint, to_numpy, to_torch
 
-__all__ = ["Optimizer", "required", "SGD", "Adam", "AdamW", "lr_scheduler", "to_torch", "to_numpy", "load_torch_checkpoint"]
+__all__ = ["NAdam", "RAdam", "Rprop", "ASGD", "RMSprop", "Adagrad", "Adadelta", "Adamax", "Optimizer", "required", "SGD", "Adam", "AdamW", "lr_scheduler", "to_torch", "to_numpy", "load_torch_checkpoint"]
