@@ -480,6 +480,21 @@ class Optimizer:
 
     # ------------------------------------------------------------------ misc
 
+    def report(self, verbose: bool = False) -> str:
+        """A table of the groups: rule, hyperparameters, tensors, element count, bytes, sharding."""
+        from ..report import describe_groups
+
+        entries = []
+        for i, group in enumerate(self.param_groups):
+            members = group["params"]
+            names = group.get("param_names") or [self._binding.name(m) or f"param {i}.{k}" for k, m in enumerate(members)]
+            hps = {k: group[k] for k in self._rule_cls.hyperparams}
+            rule = self._rules[i]
+            on = [k for k, v in rule.options().items() if v is True and k != "use_momentum"]
+            entries.append((str(i), type(self).__name__ + (f"({', '.join(on)})" if on else ""), hps,
+                            list(zip(names, self._binding.get(members)))))
+        return describe_groups(entries, verbose=verbose)
+
     def __repr__(self) -> str:
         format_string = self.__class__.__name__ + " ("
         for i, group in enumerate(self.param_groups):
