@@ -22,6 +22,7 @@ import optax
 from . import hyperparams as hpmod
 from .groups import ALL, GroupPlan, as_param_tree, describe_selector, partition, path_str
 from .optimizers.base import Rule, hparam_dtype
+from .sharding import constrain, leaf_shardings, replicated
 
 __all__ = [
     "Group",
@@ -181,13 +182,24 @@ class GroupedState(NamedTuple):
     groups: tuple
 
 
-def init_group_state(config: GroupConfig, hparams: dict, leaves: Sequence) -> GroupState:
+def _place(x, sharding):
+    return x if sharding is None else jax.device_put(x, sharding)
+
+
+def init_group_state(config: GroupConfig, hparams: dict, leaves: Sequence, shardings: Sequence | None = None) -> GroupState:
+    """Initial state of one group: per-leaf slots placed like their parameter (or by ``shardings``),
+    scalars replicated on the parameters' mesh."""
+    rep = replicated(leaves)
+    step = _place(jnp.zeros((), jnp.int32), rep)
     if config.frozen:
-        return GroupState(jnp.zeros((), jnp.int32), {}, {})
+        return GroupState(step, {}, {})
     rule = config.rule
     per_leaf = [rule.init_slots(leaf, hparams) for leaf in leaves]
+    if shardings is not None:
+        per_leaf = [{n: _place(v, sh) for n, v in s.items()} for s, (sh, _) in zip(per_leaf, shardings)]
     slots = {name: tuple(s[name] for s in per_leaf) for name in rule.slot_names()}
-    return GroupState(jnp.zeros((), jnp.int32), rule.init_scalars(hparams), slots)
+    scalars = jax.tree.map(lambda x: _place(x, rep), rule.init_scalars(hparams))
+    return GroupState(step, scalars, slots)
 
 
 def _leaf_coefs(coef: dict, dtype, ndim: int) -> dict:
@@ -202,11 +214,13 @@ def _leaf_coefs(coef: dict, dtype, ndim: int) -> dict:
     return out
 
 
-def update_group(config: GroupConfig, hparams: dict, gstate: GroupState, grads: Sequence, params: Sequence):
+def update_group(config: GroupConfig, hparams: dict, gstate: GroupState, grads: Sequence, params: Sequence,
+                 shardings: Sequence | None = None):
     """Apply one group's rule to its member leaves: returns ``(new_params, new_group_state)``.
 
     The scalar work (bias corrections, ...) is done once for the group; each
-    leaf then runs one elementwise computation.
+    leaf then runs one elementwise computation. ``shardings`` (per member, or
+    None) pins the new per-leaf state to a placement (e.g. ZeRO-1).
     """
     rule = config.rule
     step = gstate.step + 1
@@ -222,15 +236,20 @@ def update_group(config: GroupConfig, hparams: dict, gstate: GroupState, grads: 
         leaf_slots = {n: gstate.slots[n][i] for n in names}
         new_p, s = rule.apply(g, p, leaf_slots, c)
         new_params.append(new_p.astype(p.dtype))
+        sh, psh = (None, None) if shardings is None else shardings[i]
+        if psh is not None:
+            new_params[-1] = constrain(new_params[-1], psh)
         for n in names:
-            new_slots[n].append(s[n].astype(leaf_slots[n].dtype))
+            v = s[n].astype(leaf_slots[n].dtype)
+            new_slots[n].append(v if sh is None else constrain(v, sh))
     return new_params, GroupState(step, scalars, {n: tuple(v) for n, v in new_slots.items()})
 
 
-def apply_groups(configs, plan: GroupPlan, state: GroupedState, grad_leaves, param_leaves):
+def apply_groups(configs, plan: GroupPlan, state: GroupedState, grad_leaves, param_leaves, shardings=None):
     """The whole grouped step on flat leaf lists: returns ``(new_param_leaves, new_state)``.
 
     Leaves of frozen groups and of no group are returned as they are.
+    ``shardings``: per leaf (plan order) state sharding or None.
     """
     out = list(param_leaves)
     new_hparams, new_groups = [], []
@@ -242,7 +261,8 @@ def apply_groups(configs, plan: GroupPlan, state: GroupedState, grad_leaves, par
             continue
         hp = hpmod.current(config.spec, stored, state.count)
         idx = plan.members[g]
-        new_p, gs = update_group(config, hp, state.groups[g], [grad_leaves[i] for i in idx], [param_leaves[i] for i in idx])
+        sh = None if shardings is None else [shardings[i] for i in idx]
+        new_p, gs = update_group(config, hp, state.groups[g], [grad_leaves[i] for i in idx], [param_leaves[i] for i in idx], sh)
         for i, p in zip(idx, new_p):
             out[i] = p
         new_hparams.append(hp)
@@ -250,13 +270,15 @@ def apply_groups(configs, plan: GroupPlan, state: GroupedState, grad_leaves, par
     return out, GroupedState(state.count + 1, tuple(new_hparams), tuple(new_groups))
 
 
-def init_state(configs, plan: GroupPlan, param_leaves) -> GroupedState:
+def init_state(configs, plan: GroupPlan, param_leaves, shardings=None) -> GroupedState:
+    rep = replicated(param_leaves)
     hps, groups = [], []
     for g, config in enumerate(configs):
-        hp = hpmod.initial_state(config.spec)
+        hp = jax.tree.map(lambda x: _place(x, rep), hpmod.initial_state(config.spec))
         hps.append(hp)
-        groups.append(init_group_state(config, hp, [param_leaves[i] for i in plan.members[g]]))
-    return GroupedState(jnp.zeros((), jnp.int32), tuple(hps), tuple(groups))
+        sh = None if shardings is None else [shardings[i] for i in plan.members[g]]
+        groups.append(init_group_state(config, hp, [param_leaves[i] for i in plan.members[g]], sh))
+    return GroupedState(_place(jnp.zeros((), jnp.int32), rep), tuple(hps), tuple(groups))
 
 
 # --------------------------------------------------------------------------- transformation
@@ -297,7 +319,8 @@ def _group_index(configs, group) -> int:
     raise KeyError(f"no group named {group!r}; groups: {[c.name for c in configs]}")
 
 
-def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: Rule | type, **defaults) -> GroupedTransformation:
+def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: Rule | type, state_sharding=None,
+            **defaults) -> GroupedTransformation:
     """Build one transformation that updates each group with its own rule and hyperparameters.
 
     Args:
@@ -309,6 +332,9 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
       groups: a list of :func:`group` specs (or torch-style dicts with a
         ``"params"`` selector). ``None``: one group with everything.
       rule: the default update rule (e.g. ``groupopt.AdamWRule()``).
+      state_sharding: optional ``(path, param) -> Sharding | None`` placing each
+        per-leaf state array (e.g. :func:`groupopt.sharding.zero1`); by default
+        state is sharded exactly like its parameter. Needs ``params``.
       **defaults: hyperparameters (numbers or schedules) and options shared
         by all groups; each group's own values win.
     """
@@ -361,16 +387,23 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
         plan.check_paths(paths, "parameter")
         return plan
 
+    shardings = None
+    if state_sharding is not None:
+        if params is None:
+            raise ValueError("state_sharding needs params (the placed parameter tree) at construction")
+        _, sleaves, _ = _flat(as_param_tree(params))
+        shardings = leaf_shardings(state_sharding, plan.paths, sleaves)
+
     def init_fn(params):
         paths, leaves, _ = _flat(as_param_tree(params))
-        return init_state(configs, plan_for(paths), leaves)
+        return init_state(configs, plan_for(paths), leaves, shardings)
 
     def apply_fn(params, grads, state):
         ppaths, pleaves, ptreedef = _flat(as_param_tree(params))
         gpaths, gleaves, _ = _flat(grads)
         p = plan_for(ppaths)
         p.check_paths(gpaths, "grads")
-        new_leaves, new_state = apply_groups(configs, p, state, gleaves, pleaves)
+        new_leaves, new_state = apply_groups(configs, p, state, gleaves, pleaves, shardings)
         return jax.tree_util.tree_unflatten(ptreedef, new_leaves), new_state
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -380,7 +413,7 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
         gpaths, gleaves, gtreedef = _flat(updates)
         _, pleaves, _ = _flat(as_param_tree(params))
         p = plan_for(gpaths)
-        new_leaves, new_state = apply_groups(configs, p, state, gleaves, pleaves)
+        new_leaves, new_state = apply_groups(configs, p, state, gleaves, pleaves, shardings)
         deltas = [n - o for n, o in zip(new_leaves, pleaves)]
         return jax.tree_util.tree_unflatten(gtreedef, deltas), new_state
 

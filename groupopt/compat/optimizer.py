@@ -32,6 +32,7 @@ import numpy as np
 
 from ..groups import GroupPlan, _is_module, _is_variable, ALL
 from ..optimizers.base import Rule, hparam_dtype
+from ..sharding import replicated
 from ..transform import GroupConfig, GroupedState, GroupState, apply_groups, init_group_state
 from .params import NNXBinding, TreeBinding, TreeParam, is_tree, make_binding
 
@@ -122,6 +123,7 @@ class Optimizer:
         self._grad_acc = None
         self._adder = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
         self.num_compiles = 0
+        self._state_sharding = None
 
         if _is_module(params):
             groups = [{"params": params}]
@@ -213,13 +215,16 @@ class Optimizer:
         rule = self._rule_for(candidate, where)
         hp = self._host_hparams(candidate, where)
         values = self._binding.get(members)
-        gstate = init_group_state(GroupConfig(where, rule, {}), hp, values)
+        gstate = init_group_state(GroupConfig(where, rule, {}), hp, values, self._shardings_for(members, values))
         # commit (the user's dict becomes the group, as in torch)
         if isinstance(self._binding, NNXBinding):
             self._binding.tag(members)
         param_group.clear()
         param_group.update(candidate)
         self.param_groups.append(param_group)
+        rep = replicated(values)
+        if rep is not None:  # keep the step counter where the jitted step puts it: no retrace
+            self._count = jax.device_put(self._count, rep)
         self._rules.append(rule)
         self._groups_state.append(gstate)
 
@@ -302,13 +307,17 @@ class Optimizer:
         labels = [g for g, n in enumerate(sizes) for _ in range(n)]
         plan = GroupPlan.from_labels([str(i) for i in range(len(labels))], labels, [str(i) for i in range(len(sizes))])
 
+        shardings = None
+        if self._state_sharding is not None:
+            shardings = self._shardings_for(members, self._binding.get(members))
+
         def step(values, grads, groups_state, count, hparams):
             self.num_compiles += 1  # runs once per trace, i.e. per compilation
             leaves = jax.tree.leaves(grads, is_leaf=_is_variable)
             leaves = [x.get_value() if _is_variable(x) else x for x in leaves]
             sel = [leaves[i] for i in idx]
             state = GroupedState(count, hparams, groups_state)
-            new_values, new_state = apply_groups(configs, plan, state, sel, values)
+            new_values, new_state = apply_groups(configs, plan, state, sel, values, shardings)
             return new_values, new_state.groups, new_state.count
 
         fn = self._step_fns[key] = jax.jit(step, donate_argnums=(0, 2))
@@ -344,6 +353,36 @@ class Optimizer:
         self._binding.set(members, new_values)
         self._groups_state = list(groups_state)
         return loss
+
+    # ------------------------------------------------------------------ placement
+
+    def _shardings_for(self, members, values):
+        if self._state_sharding is None:
+            return None
+        from ..sharding import leaf_shardings
+
+        names = [self._binding.name(m) or str(k) for k, m in enumerate(members)]
+        return leaf_shardings(self._state_sharding, names, values)
+
+    def set_state_sharding(self, fn) -> None:
+        """Place per-parameter state by ``fn(path, param) -> Sharding | None`` (e.g.
+        :func:`groupopt.sharding.zero1`), now and after every step; ``None`` restores the default
+        (state sharded like its parameter). Costs one recompilation."""
+        old = self._state_sharding
+        self._state_sharding = fn
+        try:
+            new_states = []
+            for group, gs in zip(self.param_groups, self._groups_state):
+                values = self._binding.get(group["params"])
+                sh = self._shardings_for(group["params"], values)
+                sh = [v.sharding for v in values] if sh is None else [t for t, _ in sh]
+                slots = {n: tuple(jax.device_put(x, t) if t is not None else x for x, t in zip(arrs, sh)) for n, arrs in gs.slots.items()}
+                new_states.append(gs._replace(slots=slots))
+        except Exception:
+            self._state_sharding = old
+            raise
+        self._groups_state = new_states
+        self._step_fns.clear()
 
     # ------------------------------------------------------------------ pytree mode
 

@@ -159,18 +159,31 @@ class NNXBinding(Binding):
             if i is None:
                 missing.append(k)
             out.append(i)
+        if missing and not pos and self._root_paths is not None:
+            return self._indices_by_path(grads, members)
         if missing:
             if not pos:
                 raise ValueError(
                     "step(grads): the gradients carry no groupopt ids; pass the nnx.State that "
-                    "nnx.grad returns for the model (not a pure dict), so each gradient can be "
-                    "matched to its Variable"
+                    "nnx.grad returns for the model, or build the optimizer with model=<root module> "
+                    "to match a pure dict of gradients by path"
                 )
             raise ValueError(
                 f"step(grads): no gradient for parameters {missing[:10]} (index in optimizer order); "
                 "take grads of a module that contains every parameter given to the optimizer"
             )
         return tuple(out)
+
+
+    def _indices_by_path(self, grads, members):
+        """Grads without ids (e.g. a pure dict): match by path from the root given as model=."""
+        paths, _, _ = flatten_with_paths(grads)
+        pos = {p: i for i, p in enumerate(paths)}
+        names = [self._root_paths.get(id(v)) for v in members]
+        missing = [n for n in names if n not in pos]
+        if missing:
+            raise ValueError(f"step(grads): grads tree has no gradient for {missing[:10]}")
+        return tuple(pos[n] for n in names)
 
 
 class TreeBinding(Binding):
