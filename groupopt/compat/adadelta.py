@@ -1,0 +1,60 @@
+"""``groupopt.compat.Adadelta``: torch.optim.Adadelta over :class:`groupopt.AdadeltaRule`."""
+
+from __future__ import annotations
+
+from ..optimizers.adadelta import AdadeltaRule
+from .optimizer import Optimizer
+from .rmsprop import _check_saved_groups, _check_tensor_lr
+
+__all__ = ["Adadelta"]
+
+
+class Adadelta(Optimizer):
+    r"""torch.optim.Adadelta.
+
+    The update is :class:`groupopt.AdadeltaRule` (see there for the math); the
+    signature, defaults, group keys, validation and state layout are torch
+    2.13's. ``capturable``, ``foreach`` and ``differentiable`` are accepted and
+    kept in the groups but change nothing.
+    """
+
+    _rule_cls = AdadeltaRule
+
+    def __init__(
+        self,
+        params,
+        lr=1.0,
+        rho=0.9,
+        eps=1e-6,
+        weight_decay=0,
+        foreach=None,
+        *,
+        capturable=False,
+        maximize=False,
+        differentiable=False,
+        model=None,
+    ):
+        _check_tensor_lr(lr)
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"Invalid rho value: {rho}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = {
+            "lr": lr,
+            "rho": rho,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "maximize": maximize,
+            "capturable": capturable,
+            "foreach": foreach,
+            "differentiable": differentiable,
+        }
+        super().__init__(params, defaults, model=model)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        _check_saved_groups(self, state_dict)
+        super().load_state_dict(state_dict)

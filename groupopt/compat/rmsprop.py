@@ -1,0 +1,117 @@
+"""``groupopt.compat.RMSprop``: torch.optim.RMSprop over :class:`groupopt.RMSpropRule`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..optimizers.rmsprop import RMSpropRule
+from .optimizer import Optimizer
+
+__all__ = ["RMSprop"]
+
+
+def _check_tensor_lr(lr):
+    """torch's check of an array-valued lr (shared by the compat optimizers of this family)."""
+    if hasattr(lr, "shape") and not isinstance(lr, (int, float)) and np.size(lr) != 1:
+        raise ValueError("Tensor lr must be 1-element")
+
+
+def _check_saved_groups(opt, state_dict) -> None:
+    """Refuse a state_dict whose groups lack this optimizer's hyperparameters (another optimizer's).
+
+    torch itself would load it and fail with a bare ``KeyError`` at the next
+    step; this names the problem before anything changes.
+    """
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list):
+        return  # the base class reports malformed dicts
+    for i, group in enumerate(state_dict["param_groups"]):
+        if not isinstance(group, dict):
+            continue
+        missing = [k for k in opt._rule_cls.hyperparams if k not in group]
+        if missing:
+            have = [k for k in group if k != "params"]
+            raise ValueError(
+                f"loaded state dict's param group {i} lacks {missing} (it has {have}); "
+                f"is it from a different optimizer than {type(opt).__name__}?"
+            )
+
+
+class RMSprop(Optimizer):
+    r"""torch.optim.RMSprop.
+
+    The update is :class:`groupopt.RMSpropRule` (see there for the math); the
+    signature, defaults, group keys, validation and state layout are torch
+    2.13's. ``capturable``, ``foreach`` and ``differentiable`` are accepted and
+    kept in the groups but change nothing: there is one jitted path.
+
+    A group gets a ``momentum_buffer`` when its momentum is > 0 when its state
+    is created, as in torch; setting the momentum to 0 later takes the plain
+    path and keeps the buffer (torch too). Raising a momentum from 0 once the
+    group has state is an error (torch fails with ``KeyError: 'momentum_buffer'``).
+    """
+
+    _rule_cls = RMSpropRule
+
+    def __init__(
+        self,
+        params,
+        lr=1e-2,
+        alpha=0.99,
+        eps=1e-8,
+        weight_decay=0,
+        momentum=0,
+        centered=False,
+        capturable=False,
+        foreach=None,
+        maximize=False,
+        differentiable=False,
+        *,
+        model=None,
+    ):
+        _check_tensor_lr(lr)
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= momentum:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= alpha:
+            raise ValueError(f"Invalid alpha value: {alpha}")
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "alpha": alpha,
+            "eps": eps,
+            "centered": centered,
+            "weight_decay": weight_decay,
+            "capturable": capturable,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+        }
+        super().__init__(params, defaults, model=model)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        _check_saved_groups(self, state_dict)
+        super().load_state_dict(state_dict)
+
+    def _structure(self):
+        # torch decides on the momentum buffer when a parameter's state is created:
+        # once a group has state, its buffer (or its absence) stays.
+        rules = super()._structure()
+        for i, (old, new) in enumerate(zip(self._rules, rules)):
+            if old.use_momentum == new.use_momentum or int(self._groups_state[i].step) == 0:
+                continue
+            if old.use_momentum:
+                rules[i] = dataclasses.replace(new, use_momentum=True)
+            else:
+                raise ValueError(
+                    f"param group {i}: momentum was 0 when its state was created, so it has no momentum "
+                    f"buffer; it cannot be raised to {self.param_groups[i]['momentum']} now "
+                    "(torch fails with KeyError: 'momentum_buffer')"
+                )
+        return rules
