@@ -358,7 +358,7 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
     names = [s.name if s.name is not None else (str(i) if groups is not None else "all") for i, s in enumerate(specs)]
     configs = []
     for i, s in enumerate(specs):
-        where = f"group {i} ({names[i]})"
+        where = f"group {i}" if specs[i].name is None else f"group {i} ({names[i]})"
         r = None if s.frozen else (_resolve_rule(s.rule) if s.rule is not None else base_rule)
         configs.append(make_config(names[i], r, defaults, s.hparams, where))
     # defaults that no group's rule knows are a typo
@@ -429,9 +429,14 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
 
     def read_hyperparams(state: GroupedState) -> list[dict]:
         def to_py(v):
-            return tuple(float(x) for x in v) if isinstance(v, tuple) else float(v)
+            if isinstance(v, tuple):
+                return tuple(to_py(x) for x in v)
+            a = np.asarray(v)
+            if a.ndim:
+                return a.copy()
+            return float(str(a)) if a.dtype == np.float32 else float(a)  # float32: its shortest repr
 
-        return [{k: to_py(v) for k, v in hp.items()} for hp in state.hyperparams]
+        return [{k: to_py(hp[k]) for k in c.spec} for c, hp in zip(configs, state.hyperparams)]
 
     tx = GroupedTransformation(init_fn, update_fn)
     tx.configs = configs

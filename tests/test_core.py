@@ -127,7 +127,7 @@ def test_hyperparams_are_state_and_set_without_retrace():
 
 def test_bad_group_arguments_name_the_group_and_key():
     p0 = {"a": jnp.ones(2), "b": jnp.ones(2)}
-    with pytest.raises(TypeError, match=r"group 1 \(1\): SGD has no option or hyperparameter 'betas'"):
+    with pytest.raises(TypeError, match=r"group 1: SGD has no option or hyperparameter 'betas'"):
         groupopt.grouped(p0, [groupopt.group("a"), groupopt.group("b", betas=(0.9, 0.9))], rule=groupopt.SGDRule)
     with pytest.raises(ValueError, match="betas must be a sequence of 2 values"):
         groupopt.grouped(p0, [groupopt.group("a", betas=0.9)], rule=groupopt.AdamRule)

@@ -34,7 +34,7 @@ from ..groups import GroupPlan, _is_module, _is_variable, ALL
 from ..optimizers.base import Rule, hparam_dtype
 from ..sharding import replicated
 from ..transform import GroupConfig, GroupedState, GroupState, apply_groups, init_group_state
-from .params import NNXBinding, TreeBinding, TreeParam, is_tree, make_binding
+from .params import NNXBinding, TreeBinding, TreeParam, is_nnx_state, is_tree, make_binding
 
 __all__ = ["Optimizer", "required"]
 
@@ -125,7 +125,7 @@ class Optimizer:
         self.num_compiles = 0
         self._state_sharding = None
 
-        if _is_module(params):
+        if _is_module(params) or is_nnx_state(params):
             groups = [{"params": params}]
         elif is_tree(params):
             groups = [{"params": ALL}]
@@ -141,7 +141,7 @@ class Optimizer:
     # ------------------------------------------------------------------ groups
 
     def _resolve_members(self, params, where: str):
-        if _is_variable(params) or isinstance(params, TreeParam) or _is_module(params):
+        if _is_variable(params) or isinstance(params, TreeParam) or _is_module(params) or is_nnx_state(params):
             items = [params]
         elif isinstance(params, set):
             raise TypeError(
@@ -215,6 +215,12 @@ class Optimizer:
         rule = self._rule_for(candidate, where)
         hp = self._host_hparams(candidate, where)
         values = self._binding.get(members)
+        for k, v in enumerate(values):
+            if getattr(v, "is_deleted", lambda: False)():
+                raise ValueError(
+                    f"{where}: parameter {k} ({self._binding.name(members[k]) or type(members[k]).__name__}) is a deleted array "
+                    "(its buffer was donated to an earlier step): build the optimizer from the current parameters"
+                )
         gstate = init_group_state(GroupConfig(where, rule, {}), hp, values, self._shardings_for(members, values))
         # commit (the user's dict becomes the group, as in torch)
         if isinstance(self._binding, NNXBinding):

@@ -115,10 +115,11 @@ class NNXBinding(Binding):
     def resolve(self, value, where):
         if _is_variable(value):
             return [value]
-        if _is_module(value):
+        if _is_module(value) or is_nnx_state(value):
             from flax import nnx
 
-            return list(jax.tree.leaves(nnx.state(value, nnx.Param), is_leaf=_is_variable))
+            state = value if is_nnx_state(value) else nnx.state(value, nnx.Param)
+            return list(jax.tree.leaves(state, is_leaf=_is_variable))
         if _is_selector(value):
             if self.root is None:
                 raise TypeError(
@@ -234,6 +235,15 @@ class TreeBinding(Binding):
         if missing:
             raise ValueError(f"step(grads): grads tree has no gradient for {missing[:10]}")
         return tuple(pos[m.path] for m in members)
+
+
+def is_nnx_state(x) -> bool:
+    """An ``nnx.State`` (e.g. ``nnx.state(model.head, nnx.Param)``: the ``.parameters()`` of a submodule)."""
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(x, nnx.State)
 
 
 def is_tree(params) -> bool:
