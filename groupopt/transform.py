@@ -159,6 +159,12 @@ def make_config(name: str, rule: Rule | None, defaults: dict, overrides: dict, w
 class GroupState(NamedTuple):
     """State of one group: its step count, rule scalars, and per-leaf slots.
 
+    ``step`` is a scalar when every member has taken the same number of steps
+    (the usual case: bias corrections are then computed once for the group),
+    or a vector with one count per member when members joined at different
+    times (a torch checkpoint with per-parameter counts, regrouping); rule
+    scalars then hold one value per member too.
+
     ``slots[name]`` is a tuple with one array per member leaf, in the group's
     member order (torch's parameter order).
     """
@@ -224,15 +230,23 @@ def update_group(config: GroupConfig, hparams: dict, gstate: GroupState, grads: 
     """
     rule = config.rule
     step = gstate.step + 1
+    # Per-member steps (a vector): members joined the group at different times (a loaded torch
+    # checkpoint, regrouping). The scalar work then runs on vectors and each leaf takes its entry.
+    per_member = step.ndim == 1
+    if per_member and any(jnp.ndim(v) for v in jax.tree.leaves(hparams)):
+        raise ValueError(f"group {config.name}: per-slice hyperparameters need one step count for the whole group")
     coef, scalars = rule.prepare(hparams, step.astype(hparam_dtype()), gstate.scalars)
     coef = {k: jnp.asarray(v) for k, v in coef.items()}
     by_dtype: dict = {}
     names = rule.slot_names()
     new_params, new_slots = [], {n: [] for n in names}
     for i, (g, p) in enumerate(zip(grads, params)):
-        c = by_dtype.get((p.dtype, p.ndim))
-        if c is None:
-            c = by_dtype[(p.dtype, p.ndim)] = _leaf_coefs(coef, p.dtype, p.ndim)
+        if per_member:
+            c = _leaf_coefs({k: v[i] if v.ndim == 1 else v for k, v in coef.items()}, p.dtype, p.ndim)
+        else:
+            c = by_dtype.get((p.dtype, p.ndim))
+            if c is None:
+                c = by_dtype[(p.dtype, p.ndim)] = _leaf_coefs(coef, p.dtype, p.ndim)
         leaf_slots = {n: gstate.slots[n][i] for n in names}
         new_p, s = rule.apply(g, p, leaf_slots, c)
         new_params.append(new_p.astype(p.dtype))
