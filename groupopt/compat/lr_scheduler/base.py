@@ -1,14 +1,26 @@
-"""The scheduler base class and torch's basic schedulers (Lambda, Step, MultiStep, Exponential).
+"""The scheduler base class and torch's chainable / closed-form schedulers.
 
 A scheduler is a host-side driver: at each ``step()`` it evaluates one of the
 formulas in :mod:`groupopt.schedules` (closed form, or torch's recursive form
 that multiplies the group's current lr) and writes ``group["lr"]``. The
 optimizer passes the lr to its jitted step as data, so no scheduler step ever
 recompiles.
+
+Here: ``LRScheduler`` and ``LambdaLR``, ``MultiplicativeLR``, ``StepLR``,
+``MultiStepLR``, ``ConstantLR``, ``LinearLR``, ``ExponentialLR``,
+``PolynomialLR``, ``CosineAnnealingLR``, ``CosineAnnealingWarmRestarts``
+(torch 2.13's signatures, validation, ``state_dict`` keys and arithmetic).
+
+One deliberate difference from torch: a ``step()`` that raises (a group was
+added after the scheduler was built, a lambda raised, ...) leaves the
+scheduler and the optimizer's groups exactly as they were; torch has by then
+advanced ``last_epoch`` and may have written the first groups' lrs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import types
 import warnings
 from collections import Counter
@@ -17,7 +29,19 @@ from typing import Any, Callable
 from ... import schedules
 from ..optimizer import Optimizer
 
-__all__ = ["LRScheduler", "LambdaLR", "StepLR", "MultiStepLR", "ExponentialLR"]
+__all__ = [
+    "LRScheduler",
+    "LambdaLR",
+    "MultiplicativeLR",
+    "StepLR",
+    "MultiStepLR",
+    "ConstantLR",
+    "LinearLR",
+    "ExponentialLR",
+    "PolynomialLR",
+    "CosineAnnealingLR",
+    "CosineAnnealingWarmRestarts",
+]
 
 EPOCH_DEPRECATION_WARNING = (
     "The epoch parameter in `scheduler.step()` was not necessary and is being "
@@ -29,6 +53,57 @@ EPOCH_DEPRECATION_WARNING = (
 )
 
 
+# ------------------------------------------------------------------ helpers
+
+
+def _warn_get_lr_called_within_step(scheduler: "LRScheduler") -> None:
+    if not scheduler._get_lr_called_within_step:
+        warnings.warn(
+            "To get the last learning rate computed by the scheduler, please use `get_last_lr()`.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def _walk(scheduler):
+    yield scheduler
+    children = scheduler.__dict__.get("_schedulers")
+    if isinstance(children, (list, tuple)):
+        for child in children:
+            if hasattr(child, "__dict__"):
+                yield from _walk(child)
+
+
+@contextlib.contextmanager
+def _atomic(scheduler, optimizer=None):
+    """On an exception, put back the scheduler (and nested ones) and the optimizer's groups as they were."""
+    optimizer = optimizer if optimizer is not None else scheduler.__dict__.get("optimizer")
+    saved = [(s, dict(s.__dict__)) for s in _walk(scheduler)]
+    groups = list(optimizer.param_groups) if optimizer is not None else []
+    saved_groups = [dict(g) for g in groups]
+    try:
+        yield
+    except BaseException:
+        for s, d in saved:
+            s.__dict__.clear()
+            s.__dict__.update(d)
+        for g, d in zip(groups, saved_groups):
+            g.clear()
+            g.update(d)
+        raise
+
+
+def _check_lambdas(optimizer: Optimizer, lr_lambda) -> list:
+    if not isinstance(lr_lambda, list) and not isinstance(lr_lambda, tuple):
+        return [lr_lambda] * len(optimizer.param_groups)
+    if len(lr_lambda) != len(optimizer.param_groups):
+        raise ValueError(f"Expected {len(optimizer.param_groups)} lr_lambdas, but got {len(lr_lambda)}")
+    return list(lr_lambda)
+
+
+# ------------------------------------------------------------------ base
+
+
 class LRScheduler:
     """Base class (torch's ``LRScheduler``): ``initial_lr``, ``base_lrs``, ``last_epoch``, ``step()``.
 
@@ -38,27 +113,29 @@ class LRScheduler:
     :mod:`groupopt.schedules`.
     """
 
+    _get_lr_called_within_step: bool = False
     _is_initial: bool = False
 
     def __init__(self, optimizer: Optimizer, last_epoch: int = -1) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"{type(optimizer).__name__} is not an Optimizer")
         self.optimizer = optimizer
-        if last_epoch == -1:
-            for group in optimizer.param_groups:
-                group.setdefault("initial_lr", group["lr"])
-        else:
-            for i, group in enumerate(optimizer.param_groups):
-                if "initial_lr" not in group:
-                    raise KeyError(
-                        f"param 'initial_lr' is not specified in param_groups[{i}] when resuming scheduler with last_epoch >= 0.\n"
-                        "This typically happens when:\n"
-                        "1. You're trying to resume training from a checkpoint but haven't properly loaded the optimizer state\n"
-                        "2. You're using last_epoch >= 0 for a fresh training run (not recommended)"
-                    )
-        self.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-        self.last_epoch = last_epoch
-        self._initial_step()
+        with _atomic(self, optimizer):
+            if last_epoch == -1:
+                for group in optimizer.param_groups:
+                    group.setdefault("initial_lr", group["lr"])
+            else:
+                for i, group in enumerate(optimizer.param_groups):
+                    if "initial_lr" not in group:
+                        raise KeyError(
+                            f"param 'initial_lr' is not specified in param_groups[{i}] when resuming scheduler with last_epoch >= 0.\n"
+                            "This typically happens when:\n"
+                            "1. You're trying to resume training from a checkpoint but haven't properly loaded the optimizer state\n"
+                            "2. You're using last_epoch >= 0 for a fresh training run (not recommended)"
+                        )
+            self.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+            self.last_epoch = last_epoch
+            self._initial_step()
 
     def _initial_step(self) -> None:
         self._step_count = 0
@@ -72,39 +149,55 @@ class LRScheduler:
         raise NotImplementedError
 
     def get_last_lr(self) -> list[float]:
-        """The lrs written by the last ``step()``."""
+        """The lrs written by the last ``step()`` (the same list object each call, as in torch)."""
         return self._last_lr
 
     def step(self, epoch: int | None = None) -> None:
-        if self._step_count == 1 and not getattr(self.optimizer, "_opt_called", False):
-            warnings.warn(
-                "Detected call of `lr_scheduler.step()` before `optimizer.step()`. "
-                "In PyTorch 1.1.0 and later, you should call them in the opposite order: "
-                "`optimizer.step()` before `lr_scheduler.step()`.  Failure to do this "
-                "will result in PyTorch skipping the first value of the learning rate schedule. "
-                "See more details at "
-                "https://pytorch.org/docs/stable/optim.html#how-to-adjust-learning-rate",
-                UserWarning,
-                stacklevel=2,
-            )
-        self._step_count += 1
-        if epoch is not None:
-            warnings.warn(EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=2)
-        self._update_lr(epoch)
+        with _atomic(self):
+            if self._step_count == 1 and not getattr(self.optimizer, "_opt_called", False):
+                warnings.warn(
+                    "Detected call of `lr_scheduler.step()` before `optimizer.step()`. "
+                    "In PyTorch 1.1.0 and later, you should call them in the opposite order: "
+                    "`optimizer.step()` before `lr_scheduler.step()`.  Failure to do this "
+                    "will result in PyTorch skipping the first value of the learning rate schedule. "
+                    "See more details at "
+                    "https://pytorch.org/docs/stable/optim.html#how-to-adjust-learning-rate",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            self._step_count += 1
+            if epoch is not None:
+                warnings.warn(EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=2)
+            self._update_lr(epoch)
 
     def _update_lr(self, epoch: int | None = None) -> None:
-        if epoch is None:
-            self.last_epoch += 1
-            values = self.get_lr()
-        else:
-            self.last_epoch = epoch
-            values = self._get_closed_form_lr() if hasattr(self, "_get_closed_form_lr") else self.get_lr()
-        for group, lr in zip(self.optimizer.param_groups, values, strict=True):
+        self._get_lr_called_within_step = True
+        try:
+            if epoch is None:
+                self.last_epoch += 1
+                values = self.get_lr()
+            else:
+                self.last_epoch = epoch
+                values = self._get_closed_form_lr() if hasattr(self, "_get_closed_form_lr") else self.get_lr()
+        finally:
+            self._get_lr_called_within_step = False
+        self._write_lrs(values)
+
+    def _write_lrs(self, values) -> None:
+        # torch writes inside zip(strict=True); check the lengths (same error) before writing anything
+        pairs = list(zip(self.optimizer.param_groups, values, strict=True))
+        for group, lr in pairs:
             group["lr"] = lr
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _current_lrs(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
+
+    def _scaled_lrs(self, ratio) -> list[float]:
+        """The groups' current lrs times ``ratio`` (a ratio of int 1 keeps them unchanged, as torch does)."""
+        if ratio == 1 and type(ratio) is int:
+            return self._current_lrs()
+        return [group["lr"] * ratio for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
         """Every attribute but the optimizer (torch's format)."""
@@ -114,21 +207,13 @@ class LRScheduler:
         self.__dict__.update(state_dict)
 
 
-class LambdaLR(LRScheduler):
-    """lr = initial_lr * lr_lambda(epoch); one lambda, or one per group."""
+# ------------------------------------------------------------------ lambda-based
 
-    def __init__(self, optimizer: Optimizer, lr_lambda: Callable[[int], float] | list, last_epoch: int = -1) -> None:
-        self.optimizer = optimizer
-        if not isinstance(lr_lambda, (list, tuple)):
-            self.lr_lambdas = [lr_lambda] * len(optimizer.param_groups)
-        else:
-            if len(lr_lambda) != len(optimizer.param_groups):
-                raise ValueError(f"Expected {len(optimizer.param_groups)} lr_lambdas, but got {len(lr_lambda)}")
-            self.lr_lambdas = list(lr_lambda)
-        super().__init__(optimizer, last_epoch)
+
+class _LambdaStateMixin:
+    """torch's ``state_dict`` for lambda schedulers: plain functions saved as None, callable objects by ``__dict__``."""
 
     def state_dict(self) -> dict[str, Any]:
-        """Lambdas that are plain functions are saved as None (torch's rule); callable objects by ``__dict__``."""
         state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "lr_lambdas")}
         state["lr_lambdas"] = [None if isinstance(fn, types.FunctionType) else fn.__dict__.copy() for fn in self.lr_lambdas]
         return state
@@ -137,12 +222,46 @@ class LambdaLR(LRScheduler):
         state_dict = dict(state_dict)
         lr_lambdas = state_dict.pop("lr_lambdas")
         self.__dict__.update(state_dict)
-        for fn, saved in zip(self.lr_lambdas, lr_lambdas):
+        for idx, saved in enumerate(lr_lambdas):
             if saved is not None:
-                fn.__dict__.update(saved)
+                self.lr_lambdas[idx].__dict__.update(saved)
+
+
+class LambdaLR(_LambdaStateMixin, LRScheduler):
+    """lr = initial_lr * lr_lambda(epoch); one lambda, or one per group."""
+
+    def __init__(self, optimizer: Optimizer, lr_lambda: Callable[[int], float] | list, last_epoch: int = -1) -> None:
+        self.optimizer = optimizer
+        self.lr_lambdas = _check_lambdas(optimizer, lr_lambda)
+        super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
+        _warn_get_lr_called_within_step(self)
         return [schedules.lambda_(base, fn)(self.last_epoch) for fn, base in zip(self.lr_lambdas, self.base_lrs, strict=True)]
+
+
+class MultiplicativeLR(_LambdaStateMixin, LRScheduler):
+    """Multiply the current lr by ``lr_lambda(epoch)`` at each step (chainable)."""
+
+    def __init__(self, optimizer: Optimizer, lr_lambda: Callable[[int], float] | list, last_epoch: int = -1) -> None:
+        self.optimizer = optimizer
+        self.lr_lambdas = _check_lambdas(optimizer, lr_lambda)
+        for fn in self.lr_lambdas:
+            if not callable(fn):
+                raise TypeError(f"lr_lambda should be a function, but got {type(fn).__name__}")
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        _warn_get_lr_called_within_step(self)
+        if self._is_initial:
+            return self._current_lrs()
+        return [
+            group["lr"] * schedules.multiplicative_ratio(self.last_epoch, fn)
+            for fn, group in zip(self.lr_lambdas, self.optimizer.param_groups, strict=True)
+        ]
+
+
+# ------------------------------------------------------------------ step-like
 
 
 class StepLR(LRScheduler):
@@ -154,15 +273,15 @@ class StepLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
-        r = schedules.step_ratio(self.last_epoch, self.step_size, self.gamma)
-        return self._current_lrs() if r == 1.0 else [lr * r for lr in self._current_lrs()]
+        _warn_get_lr_called_within_step(self)
+        return self._scaled_lrs(schedules.step_ratio(self.last_epoch, self.step_size, self.gamma))
 
     def _get_closed_form_lr(self) -> list[float]:
         return [base * schedules.step_factor(self.last_epoch, self.step_size, self.gamma) for base in self.base_lrs]
 
 
 class MultiStepLR(LRScheduler):
-    """Multiply the lr by ``gamma`` at each milestone (a repeated milestone counts twice)."""
+    """Multiply the lr by ``gamma`` at each milestone (a repeated milestone counts twice; not validated, as in torch)."""
 
     def __init__(self, optimizer: Optimizer, milestones, gamma: float = 0.1, last_epoch: int = -1) -> None:
         self.milestones = Counter(milestones)
@@ -170,14 +289,65 @@ class MultiStepLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
+        _warn_get_lr_called_within_step(self)
         if self.last_epoch not in self.milestones:
             return self._current_lrs()
-        r = schedules.multistep_ratio(self.last_epoch, list(self.milestones.elements()), self.gamma)
-        return [lr * r for lr in self._current_lrs()]
+        return self._scaled_lrs(schedules.multistep_ratio(self.last_epoch, list(self.milestones.elements()), self.gamma))
 
     def _get_closed_form_lr(self) -> list[float]:
         ms = sorted(self.milestones.elements())
         return [base * schedules.multistep_factor(self.last_epoch, ms, self.gamma) for base in self.base_lrs]
+
+
+class ConstantLR(LRScheduler):
+    """Multiply the lr by ``factor`` until ``total_iters``, then undo it (chainable)."""
+
+    def __init__(self, optimizer: Optimizer, factor: float = 1.0 / 3, total_iters: int = 5, last_epoch: int = -1) -> None:
+        if factor > 1.0 or factor < 0:
+            raise ValueError("Constant multiplicative factor expected to be between 0 and 1.")
+        self.factor = factor
+        self.total_iters = total_iters
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        _warn_get_lr_called_within_step(self)
+        return self._scaled_lrs(schedules.constant_ratio(self.last_epoch, self.factor, self.total_iters))
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return [base * schedules.constant_factor(self.last_epoch, self.factor, self.total_iters) for base in self.base_lrs]
+
+
+class LinearLR(LRScheduler):
+    """Multiply the lr by a factor going linearly from ``start_factor`` to ``end_factor`` over ``total_iters`` (chainable)."""
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        start_factor: float = 1.0 / 3,
+        end_factor: float = 1.0,
+        total_iters: int = 5,
+        last_epoch: int = -1,
+    ) -> None:
+        if start_factor > 1.0 or start_factor <= 0:
+            raise ValueError("Starting multiplicative factor expected to be greater than 0 and less or equal to 1.")
+        if end_factor > 1.0 or end_factor < 0:
+            raise ValueError("Ending multiplicative factor expected to be between 0 and 1.")
+        self.start_factor = start_factor
+        self.end_factor = end_factor
+        self.total_iters = total_iters
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        _warn_get_lr_called_within_step(self)
+        if self.last_epoch != 0 and self._is_initial:
+            return self._current_lrs()
+        return self._scaled_lrs(schedules.linear_ratio(self.last_epoch, self.start_factor, self.end_factor, self.total_iters))
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return [
+            base * schedules.linear_factor(self.last_epoch, self.start_factor, self.end_factor, self.total_iters)
+            for base in self.base_lrs
+        ]
 
 
 class ExponentialLR(LRScheduler):
@@ -188,9 +358,109 @@ class ExponentialLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
+        _warn_get_lr_called_within_step(self)
         if self._is_initial:
             return self._current_lrs()
-        return [lr * self.gamma for lr in self._current_lrs()]
+        return self._scaled_lrs(schedules.exponential_ratio(self.last_epoch, self.gamma))
 
     def _get_closed_form_lr(self) -> list[float]:
         return [base * schedules.exponential_factor(self.last_epoch, self.gamma) for base in self.base_lrs]
+
+
+class PolynomialLR(LRScheduler):
+    """Decay the lr polynomially to 0 over ``total_iters`` (chainable); ``total_iters`` not validated, as in torch."""
+
+    def __init__(self, optimizer: Optimizer, total_iters: int = 5, power: float = 1.0, last_epoch: int = -1) -> None:
+        self.total_iters = total_iters
+        self.power = power
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        _warn_get_lr_called_within_step(self)
+        if self._is_initial:
+            return self._current_lrs()
+        return self._scaled_lrs(schedules.polynomial_ratio(self.last_epoch, self.total_iters, self.power))
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return [base * schedules.polynomial_factor(self.last_epoch, self.total_iters, self.power) for base in self.base_lrs]
+
+
+# ------------------------------------------------------------------ cosine
+
+
+class CosineAnnealingLR(LRScheduler):
+    """Cosine from the base lr to ``eta_min`` over ``T_max`` epochs, and back (periodic); chainable."""
+
+    def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0, last_epoch: int = -1) -> None:
+        self.T_max = T_max
+        self.eta_min = eta_min
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        _warn_get_lr_called_within_step(self)
+        if self._is_initial:
+            return self._current_lrs()
+        if self._step_count == 1 and self.last_epoch > 0:
+            # torch's closed-form branch (only reachable through _update_lr on a fresh scheduler)
+            return [
+                schedules.cosine_value(self.last_epoch, base, self.T_max, self.eta_min)
+                for base, _ in zip(self.base_lrs, self.optimizer.param_groups, strict=True)
+            ]
+        if (self.last_epoch - 1 - self.T_max) % (2 * self.T_max) == 0:
+            return [
+                schedules.cosine_next(group["lr"], self.last_epoch, base, self.T_max, self.eta_min)
+                for base, group in zip(self.base_lrs, self.optimizer.param_groups, strict=True)
+            ]
+        # off the special branch the base lr is not used (torch does not zip base_lrs here)
+        return [
+            schedules.cosine_next(group["lr"], self.last_epoch, None, self.T_max, self.eta_min)
+            for group in self.optimizer.param_groups
+        ]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return [schedules.cosine_value(self.last_epoch, base, self.T_max, self.eta_min) for base in self.base_lrs]
+
+
+class CosineAnnealingWarmRestarts(LRScheduler):
+    """Cosine from the base lr to ``eta_min`` over cycles of ``T_0, T_0*T_mult, ...`` epochs (absolute, from ``base_lrs``).
+
+    Overrides ``step``: no order warning, no deprecation warning, fractional
+    epochs accepted by ``step(epoch)``.
+    """
+
+    def __init__(self, optimizer: Optimizer, T_0: int, T_mult: int = 1, eta_min: float = 0.0, last_epoch: int = -1) -> None:
+        if T_0 <= 0 or not isinstance(T_0, int):
+            raise ValueError(f"Expected positive integer T_0, but got {T_0}")
+        if T_mult < 1 or not isinstance(T_mult, int):
+            raise ValueError(f"Expected integer T_mult >= 1, but got {T_mult}")
+        if not isinstance(eta_min, (float, int)):
+            raise ValueError(f"Expected float or int eta_min, but got {eta_min} of type {type(eta_min)}")
+        self.T_0 = T_0
+        self.T_i = T_0
+        self.T_mult = T_mult
+        self.eta_min = eta_min
+        self.T_cur = last_epoch
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        _warn_get_lr_called_within_step(self)
+        return [schedules.cosine_value(self.T_cur, base, self.T_i, self.eta_min) for base in self.base_lrs]
+
+    def step(self, epoch=None) -> None:
+        with _atomic(self):
+            if epoch is None and self.last_epoch < 0:
+                epoch = 0
+            if epoch is None:
+                epoch = self.last_epoch + 1
+                self.T_cur, self.T_i = schedules.warm_restarts_advance(self.T_cur, self.T_i, self.T_mult)
+            else:
+                if epoch < 0:
+                    raise ValueError(f"Expected non-negative epoch, but got {epoch}")
+                self.T_cur, self.T_i = schedules.warm_restarts_at(epoch, self.T_0, self.T_mult, self.T_i)
+            self.last_epoch = math.floor(epoch)
+            self._get_lr_called_within_step = True
+            try:
+                values = self.get_lr()
+            finally:
+                self._get_lr_called_within_step = False
+            self._write_lrs(values)
