@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from ..optimizers.adadelta import AdadeltaRule
-from .optimizer import Optimizer
-from .rmsprop import _check_saved_groups, _check_tensor_lr
+from .optimizer import Optimizer, check_tensor_lr
 
 __all__ = ["Adadelta"]
 
@@ -34,7 +33,7 @@ class Adadelta(Optimizer):
         differentiable=False,
         model=None,
     ):
-        _check_tensor_lr(lr)
+        check_tensor_lr(lr)
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= rho <= 1.0:
@@ -55,6 +54,3 @@ class Adadelta(Optimizer):
         }
         super().__init__(params, defaults, model=model)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        _check_saved_groups(self, state_dict)
-        super().load_state_dict(state_dict)

@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..optimizers.adagrad import AdagradRule
-from .optimizer import Optimizer
-from .rmsprop import _check_saved_groups, _check_tensor_lr
+from .optimizer import Optimizer, check_tensor_lr
 
 __all__ = ["Adagrad"]
 
@@ -48,7 +47,7 @@ class Adagrad(Optimizer):
         fused=None,
         model=None,
     ):
-        _check_tensor_lr(lr)
+        check_tensor_lr(lr)
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= lr_decay:
@@ -96,11 +95,11 @@ class Adagrad(Optimizer):
             entry = {"step": jnp.zeros((), jnp.float32), "sum": self._groups_state[gi].slots["sum"][k]}
         return entry
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        _check_saved_groups(self, state_dict)
-        super().load_state_dict(state_dict)
+    def load_state_dict(self, state_dict: dict, strict: bool = True):
+        report = super().load_state_dict(state_dict, strict)
         # torch's state is now exactly the saved entries: a group without any starts lazily
         saved = state_dict["state"]
         self._eager = [
             any(idx in saved or str(idx) in saved for idx in g["params"]) for g in state_dict["param_groups"]
         ]
+        return report

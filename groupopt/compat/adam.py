@@ -107,7 +107,8 @@ class AdamW(Adam):
             model=model,
         )
 
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
+    def load_state_dict(self, state_dict, strict: bool = True):
+        report = super().load_state_dict(state_dict, strict)
         for group in self.param_groups:  # torch's AdamW.__setstate__ forces the flag
             group["decoupled_weight_decay"] = True
+        return report

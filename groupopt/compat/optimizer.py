@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import numbers
 import warnings
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,7 @@ from ..sharding import replicated
 from ..transform import GroupConfig, GroupedState, GroupState, apply_groups, init_group_state
 from .params import NNXBinding, TreeBinding, TreeParam, is_nnx_state, is_tree, make_binding
 
-__all__ = ["Optimizer", "required"]
+__all__ = ["Optimizer", "required", "LoadReport"]
 
 
 class _RequiredParameter:
@@ -55,11 +55,25 @@ def _typename(x) -> str:
     return f"{type(x).__module__}.{type(x).__name__}" if type(x).__module__ != "builtins" else type(x).__name__
 
 
+def check_tensor_lr(lr):
+    """torch's check of an array-valued lr: ``Tensor lr must be 1-element``."""
+    if hasattr(lr, "shape") and not isinstance(lr, (int, float)) and np.size(lr) != 1:
+        raise ValueError("Tensor lr must be 1-element")
+
+
 def _to_numpy(x):
     """numpy copy of an array-like (jax, numpy or a torch tensor: torch is never imported here)."""
     if hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor
         return x.detach().cpu().numpy()
     return np.array(x, copy=True)
+
+
+class LoadReport(NamedTuple):
+    """What a name-matched ``load_state_dict(strict=False)`` could not match (like ``nn.Module``'s)."""
+
+    missing_keys: list
+    unexpected_keys: list
+    mismatched_keys: list
 
 
 class _StateView(dict):
@@ -401,15 +415,56 @@ class Optimizer:
 
     # ------------------------------------------------------------------ state
 
+    def _member_state(self, gi: int, k: int):
+        """``(step, scalars, slots)`` of member ``k`` of group ``gi`` (per-member entries picked out)."""
+        gs = self._groups_state[gi]
+        pick = (lambda v: v[k]) if gs.step.ndim == 1 else (lambda v: v)
+        scalars = {n: (pick(v) if jnp.ndim(v) == 1 else v) for n, v in gs.scalars.items()}
+        return pick(gs.step), scalars, {n: gs.slots[n][k] for n in gs.slots}
+
     def _param_state(self, gi: int, k: int) -> dict:
         """torch's per-parameter state dict for member ``k`` of group ``gi`` ({} when torch has none)."""
-        rule, gs = self._rules[gi], self._groups_state[gi]
-        entry = rule.torch_scalars(gs.step, gs.scalars)
+        rule = self._rules[gi]
+        step, scalars, slots = self._member_state(gi, k)
+        entry = rule.torch_scalars(step, scalars)
         if entry is None:
             return {}
         for name in rule.slot_names():
-            entry[name] = gs.slots[name][k]
+            entry[name] = slots[name]
         return entry
+
+    def _group_from_members(self, rule: Rule, group: dict, values: list, members: list, where: str) -> GroupState:
+        """A group's core state from per-member ``(step, scalars, slots)`` (None: fresh, torch's lazy state).
+
+        One step count for the group when all members agree, else one per member.
+        """
+        fresh = init_group_state(GroupConfig(where, rule, {}), self._host_hparams(group, where), values,
+                                 self._shardings_for(group["params"], values))
+        if all(m is None for m in members):
+            return fresh
+        steps, scalars, slots = [], [], {n: [] for n in rule.slot_names()}
+        for k, m in enumerate(members):
+            if m is None:
+                steps.append(0)
+                scalars.append(dict(fresh.scalars))
+                for n in slots:
+                    slots[n].append(fresh.slots[n][k])
+                continue
+            step, sc, sl = m
+            steps.append(int(step))
+            scalars.append({**fresh.scalars, **sc})
+            for n in slots:
+                slots[n].append(sl[n])
+        rep = fresh.step.sharding if hasattr(fresh.step, "sharding") else None
+        if len(set(steps)) == 1 and all(
+            all(np.array_equal(np.asarray(s[n]), np.asarray(scalars[0][n])) for n in s) for s in scalars
+        ):
+            step = jax.device_put(jnp.asarray(steps[0], jnp.int32), rep)
+            sc = scalars[0]
+        else:
+            step = jax.device_put(jnp.asarray(steps, jnp.int32), rep)
+            sc = {n: jnp.stack([jnp.asarray(s[n]) for s in scalars]) for n in fresh.scalars}
+        return GroupState(step, sc, {n: tuple(v) for n, v in slots.items()})
 
     @property
     def state(self):
@@ -422,12 +477,25 @@ class Optimizer:
                     entries.append((p, s))
         return _StateView(entries)
 
-    def state_dict(self) -> dict:
-        """torch's format: ``{"state": {index: {...}}, "param_groups": [{..., "params": [indices]}]}``.
+    def _member_names(self) -> list[list]:
+        """Each member's stable name: torch's ``param_names``, else its path (None when not known yet)."""
+        out = []
+        for group in self.param_groups:
+            if "param_names" in group:
+                out.append(list(group["param_names"]))
+            else:
+                out.append([self._binding.name(m) for m in group["params"]])
+        return out
 
-        The arrays are numpy copies (a snapshot; torch returns live tensors).
+    def state_dict(self) -> dict:
+        """torch's format: ``{"state": {index: {...}}, "param_groups": [{..., "params": [indices]}]}``,
+        plus ``"param_names": {index: name}`` for every parameter whose name is known.
+
+        The arrays are numpy copies (a snapshot; torch returns live tensors). torch's own
+        ``load_state_dict`` ignores the extra key.
         """
-        state, groups, index = {}, [], 0
+        state, groups, names, index = {}, [], {}, 0
+        member_names = self._member_names()
         for gi, group in enumerate(self.param_groups):
             packed = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
             ids = []
@@ -435,20 +503,91 @@ class Optimizer:
                 s = self._param_state(gi, k)
                 if s:
                     state[index] = {n: np.array(v, copy=True) for n, v in s.items()}
+                if member_names[gi][k] is not None:
+                    names[index] = member_names[gi][k]
                 ids.append(index)
                 index += 1
             packed["params"] = ids
             groups.append(packed)
-        return {"state": state, "param_groups": groups}
+        out = {"state": state, "param_groups": groups}
+        if names:
+            out["param_names"] = names
+        return out
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def _merged_group(self, group: dict, saved: dict, where: str) -> dict:
+        merged = {k: v for k, v in saved.items() if k != "params"}
+        if "param_names" not in merged and "param_names" in group:
+            merged["param_names"] = group["param_names"]
+        for k, v in self.defaults.items():
+            merged.setdefault(k, v)  # torch's __setstate__ re-adds missing keys
+        merged["params"] = group["params"]
+        return merged
+
+    def _entry_state(self, rule: Rule, entry: dict, value, idx, where: str):
+        """Validate one saved per-parameter entry and turn it into ``(step, scalars, slots)``."""
+        entry = {n: _to_numpy(v) for n, v in entry.items()}
+        missing = sorted(set(rule.torch_state_keys()) - set(entry))
+        if missing:
+            raise ValueError(
+                f"{where}: saved state of parameter {idx} lacks {missing} (has {sorted(entry)}); "
+                f"is it from a different optimizer than {type(self).__name__}?"
+            )
+        try:
+            step, scalars = rule.from_torch_scalars(entry)
+        except (TypeError, ValueError) as e:  # e.g. a 'step' that is not a scalar
+            raise ValueError(f"{where}: scalar state of parameter {idx} is invalid ({e})") from None
+        slots = {}
+        for n in rule.slot_names():
+            arr = entry[n]
+            if tuple(arr.shape) != tuple(value.shape):
+                raise ValueError(
+                    f"{where}: state {n!r} of parameter {idx} has shape {tuple(arr.shape)}, "
+                    f"but the parameter has shape {tuple(value.shape)}"
+                )
+            if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.complexfloating):
+                raise ValueError(f"{where}: state {n!r} of parameter {idx} has dtype {arr.dtype}, expected floating")
+            slots[n] = jax.device_put(arr.astype(value.dtype), getattr(value, "sharding", None))
+        return step, scalars, slots
+
+    def _saved_names(self, state_dict: dict) -> dict | None:
+        """index -> name from our ``param_names`` key or torch's per-group ``param_names``."""
+        if state_dict.get("param_names"):
+            return {int(k): v for k, v in state_dict["param_names"].items()}
+        names = {}
+        for g in state_dict["param_groups"]:
+            if "param_names" in g:
+                names.update(zip(g["params"], g["param_names"]))
+        return names or None
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True):
         """Load torch-format state (ours or real torch.optim's, tensors allowed).
+
+        When the saved dict and this optimizer both name their parameters
+        (``param_names``, pytree paths, or NNX paths from ``model=`` or learnt at
+        the first step), state is matched **by name**: a model edited between
+        save and load keeps the moments of the parameters it still has. Missing,
+        unexpected and shape-mismatched names are reported together: raised
+        (``strict=True``) or returned as a :class:`LoadReport` (``strict=False``,
+        missing parameters start fresh). Without names, matching is torch's:
+        by position, group by group.
 
         Everything is checked before anything changes: on error the optimizer
         is exactly as before.
         """
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from state_dict())")
+        for i, group in enumerate(state_dict["param_groups"]):
+            lacks = [k for k in self._rule_cls.hyperparams if not isinstance(group, dict) or k not in group]
+            if lacks:
+                have = [k for k in group if k != "params"] if isinstance(group, dict) else type(group).__name__
+                raise ValueError(
+                    f"loaded state dict's param group {i} lacks {lacks} (it has {have}); "
+                    f"is it from a different optimizer than {type(self).__name__}?"
+                )
+        saved_names = self._saved_names(state_dict)
+        ours = self._member_names()
+        if saved_names and all(n is not None for names in ours for n in names):
+            return self._load_by_name(state_dict, saved_names, ours, strict)
         saved_groups = copy.deepcopy(state_dict["param_groups"])
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
@@ -458,70 +597,138 @@ class Optimizer:
         new_groups, new_rules, new_states = [], [], []
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             where = f"param group {gi}"
-            merged = {k: v for k, v in saved.items() if k != "params"}
-            if "param_names" not in merged and "param_names" in group:
-                merged["param_names"] = group["param_names"]
-            for k, v in self.defaults.items():
-                merged.setdefault(k, v)  # torch's __setstate__ re-adds missing keys
-            merged["params"] = group["params"]
+            merged = self._merged_group(group, saved, where)
             rule = self._rule_for(merged, where)
             values = self._binding.get(group["params"])
-            entries = []
+            members = []
             for k, idx in enumerate(saved["params"]):
                 entry = saved_state.get(idx, saved_state.get(str(idx)))
-                entries.append(None if entry is None else {n: _to_numpy(v) for n, v in entry.items()})
-            gs = self._import_group(rule, merged, entries, values, saved["params"], where)
+                members.append(None if not entry else self._entry_state(rule, entry, values[k], idx, where))
+            new_states.append(self._group_from_members(rule, merged, values, members, where))
             new_groups.append(merged)
             new_rules.append(rule)
-            new_states.append(gs)
-        # commit
+        self._commit_groups(new_groups, new_rules, new_states)
+        return LoadReport([], [], [])
+
+    def _load_by_name(self, state_dict, saved_names, ours, strict):
+        saved_groups = copy.deepcopy(state_dict["param_groups"])
+        saved_state = state_dict["state"]
+        index_of = {name: idx for idx, name in saved_names.items()}
+        flat_ours = [n for names in ours for n in names]
+        missing = [n for n in flat_ours if n not in index_of]
+        unexpected = [n for n in index_of if n not in set(flat_ours)]
+        same_groups = len(saved_groups) == len(self.param_groups)
+        # shape check needs the entries: gather them first
+        mismatched, plan = [], []
+        for gi, group in enumerate(self.param_groups):
+            saved = saved_groups[gi] if same_groups else {k: v for k, v in group.items()}
+            merged = self._merged_group(group, saved, f"param group {gi}")
+            rule = self._rule_for(merged, f"param group {gi}")
+            values = self._binding.get(group["params"])
+            members = []
+            for k, name in enumerate(ours[gi]):
+                idx = index_of.get(name)
+                entry = None if idx is None else saved_state.get(idx, saved_state.get(str(idx)))
+                if entry:
+                    shapes = {n: tuple(np.shape(_to_numpy(entry[n]))) for n in rule.slot_names() if n in entry}
+                    if any(s != tuple(values[k].shape) for s in shapes.values()):
+                        mismatched.append(f"{name}: saved {sorted(set(shapes.values()))[0]}, now {tuple(values[k].shape)}")
+                        entry = None
+                members.append((entry, idx))
+            plan.append((merged, rule, values, members))
+        problems = []
+        if missing:
+            problems.append(f"Missing key(s) in state_dict: {', '.join(repr(n) for n in missing)}.")
+        if unexpected:
+            problems.append(f"Unexpected key(s) in state_dict: {', '.join(repr(n) for n in unexpected)}.")
+        if mismatched:
+            problems.append(f"Shape mismatch: {'; '.join(mismatched)}.")
+        if not same_groups:
+            problems.append(
+                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer {len(self.param_groups)}: "
+                "hyperparameters kept"
+            )
+        if strict and problems:
+            raise ValueError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t" + "\n\t".join(problems))
+        new_groups, new_rules, new_states = [], [], []
+        for gi, (merged, rule, values, members) in enumerate(plan):
+            where = f"param group {gi}"
+            states = [None if entry is None else self._entry_state(rule, entry, values[k], idx, where)
+                      for k, (entry, idx) in enumerate(members)]
+            new_states.append(self._group_from_members(rule, merged, values, states, where))
+            new_groups.append(merged)
+            new_rules.append(rule)
+        self._commit_groups(new_groups, new_rules, new_states)
+        return LoadReport(missing, unexpected, mismatched)
+
+    def _commit_groups(self, new_groups, new_rules, new_states):
         for group, merged in zip(self.param_groups, new_groups):
-            group.clear()
-            group.update(merged)
+            if group is not merged:
+                group.clear()
+                group.update(merged)
+        self._rules = list(new_rules)
+        self._groups_state = list(new_states)
+
+    def move_params(self, params, to) -> None:
+        """Move parameters to another group, keeping their moments and step counts.
+
+        ``params``: what a group's ``"params"`` may be (module, Variable, list,
+        selector). ``to``: a group index, or a dict of hyperparameters for a new
+        group. Parameters not in the optimizer yet join with fresh state (as a
+        tensor appended to ``group["params"]`` does in torch). Costs one
+        recompilation. torch equivalent::
+
+            for p in params: src["params"].remove(p); dst["params"].append(p)  # torch keeps state[p]
+        """
+        members, _ = self._resolve_members(params, "move_params")
+        if isinstance(to, dict):
+            new_group = {k: v for k, v in to.items() if k != "params"}
+            for k, v in self.defaults.items():
+                new_group.setdefault(k, v)
+            dest = len(self.param_groups)
+        else:
+            if not 0 <= to < len(self.param_groups):
+                raise IndexError(f"move_params: group {to} out of range: there are {len(self.param_groups)} groups")
+            dest = to
+        if any("param_names" in g for g in self.param_groups):
+            raise ValueError("move_params: groups with param_names are not supported yet; move by rebuilding the groups")
+        where_of = {}
+        for gi, group in enumerate(self.param_groups):
+            for k, m in enumerate(group["params"]):
+                where_of[id(m)] = (gi, k)
+        carried = {id(m): (where_of.get(id(m)), None if id(m) not in where_of else self._member_state(*where_of[id(m)])) for m in members}
+        groups = [dict(g, params=list(g["params"])) for g in self.param_groups]
+        if dest == len(groups):
+            groups.append(dict(new_group, params=[]))
+        moved = {id(m) for m in members}
+        states_by_member = {}
+        for gi, g in enumerate(groups):
+            for k, m in enumerate(g["params"]):
+                if gi < len(self.param_groups):
+                    states_by_member[id(m)] = self._member_state(gi, k)
+        for g in groups:
+            g["params"] = [m for m in g["params"] if id(m) not in moved]
+        groups[dest]["params"].extend(members)
+        new_rules, new_states = [], []
+        for gi, g in enumerate(groups):
+            where = f"param group {gi}"
+            rule = self._rule_for(g, where)
+            values = self._binding.get(g["params"])
+            states = [states_by_member.get(id(m)) for m in g["params"]]
+            if gi < len(self._rules) and rule != self._rules[gi]:
+                rule = self._rules[gi]
+            new_states.append(self._group_from_members(rule, g, values, states, where))
+            new_rules.append(rule)
+        if isinstance(self._binding, NNXBinding):
+            self._binding.tag(members)
+        # commit: the user's group dicts keep their identity
+        for gi, g in enumerate(groups):
+            if gi < len(self.param_groups):
+                self.param_groups[gi]["params"] = g["params"]
+            else:
+                self.param_groups.append(g)
         self._rules = new_rules
         self._groups_state = new_states
-
-    def _import_group(self, rule: Rule, group: dict, entries: list, values: list, indices: list, where: str) -> GroupState:
-        fresh = init_group_state(GroupConfig(where, rule, {}), self._host_hparams(group, where), values)
-        present = [e for e in entries if e]
-        if not present:
-            return fresh
-        if len(present) != len(entries):
-            missing = [indices[k] for k, e in enumerate(entries) if not e]
-            raise ValueError(
-                f"{where}: parameters {missing} have no saved state while others in the group do; "
-                "groupopt keeps one step count per group"
-            )
-        steps, scalars = set(), None
-        slots = {n: [] for n in rule.slot_names()}
-        for k, (entry, value) in enumerate(zip(entries, values)):
-            idx = indices[k]
-            need = set(rule.torch_state_keys())
-            missing = sorted(need - set(entry))
-            if missing:
-                raise ValueError(
-                    f"{where}: saved state of parameter {idx} lacks {missing} (has {sorted(entry)}); "
-                    f"is it from a different optimizer than {type(self).__name__}?"
-                )
-            step, sc = rule.from_torch_scalars(entry)
-            steps.add(step)
-            scalars = sc
-            for n in rule.slot_names():
-                arr = entry[n]
-                if tuple(arr.shape) != tuple(value.shape):
-                    raise ValueError(
-                        f"{where}: state {n!r} of parameter {idx} has shape {tuple(arr.shape)}, "
-                        f"but the parameter has shape {tuple(value.shape)}"
-                    )
-                if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.complexfloating):
-                    raise ValueError(f"{where}: state {n!r} of parameter {idx} has dtype {arr.dtype}, expected floating")
-                sharding = getattr(value, "sharding", None)
-                slots[n].append(jax.device_put(arr.astype(value.dtype), sharding))
-        if len(steps) != 1:
-            raise ValueError(
-                f"{where}: saved per-parameter step counts differ ({sorted(steps)}); groupopt keeps one step count per group"
-            )
-        return GroupState(jnp.asarray(steps.pop(), jnp.int32), {**fresh.scalars, **scalars}, {n: tuple(v) for n, v in slots.items()})
 
     # ------------------------------------------------------------------ misc
 

@@ -106,6 +106,7 @@ class Binding:
 class NNXBinding(Binding):
     def __init__(self, root=None):
         self.root = root
+        self._learned: dict[int, str] = {}  # uid -> path, learnt from the first gradients
         self._root_paths = None
         if root is not None:
             paths, leaves, _ = flatten_with_paths(as_param_tree(root))
@@ -139,20 +140,24 @@ class NNXBinding(Binding):
             v.set_value(x)
 
     def name(self, member):
-        return None if self._root_paths is None else self._root_paths.get(id(member))
+        if self._root_paths is not None and id(member) in self._root_paths:
+            return self._root_paths[id(member)]
+        uid = member.get_metadata().get(UID_KEY)
+        return None if uid is None else self._learned.get(uid)
 
     def tag(self, members):
         for v in members:
             variable_uid(v)
 
     def grad_indices(self, grads, members):
-        leaves = jax.tree.leaves(grads, is_leaf=_is_variable)
+        paths, leaves, _ = flatten_with_paths(grads)
         pos = {}
         for i, leaf in enumerate(leaves):
             if _is_variable(leaf):
                 uid = leaf.get_metadata().get(UID_KEY)
                 if uid is not None:
                     pos[uid] = i
+                    self._learned.setdefault(uid, paths[i])  # the member's path in the model: its name
         missing = []
         out = []
         for k, v in enumerate(members):

@@ -7,35 +7,9 @@ import dataclasses
 import numpy as np
 
 from ..optimizers.rmsprop import RMSpropRule
-from .optimizer import Optimizer
+from .optimizer import Optimizer, check_tensor_lr
 
 __all__ = ["RMSprop"]
-
-
-def _check_tensor_lr(lr):
-    """torch's check of an array-valued lr (shared by the compat optimizers of this family)."""
-    if hasattr(lr, "shape") and not isinstance(lr, (int, float)) and np.size(lr) != 1:
-        raise ValueError("Tensor lr must be 1-element")
-
-
-def _check_saved_groups(opt, state_dict) -> None:
-    """Refuse a state_dict whose groups lack this optimizer's hyperparameters (another optimizer's).
-
-    torch itself would load it and fail with a bare ``KeyError`` at the next
-    step; this names the problem before anything changes.
-    """
-    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list):
-        return  # the base class reports malformed dicts
-    for i, group in enumerate(state_dict["param_groups"]):
-        if not isinstance(group, dict):
-            continue
-        missing = [k for k in opt._rule_cls.hyperparams if k not in group]
-        if missing:
-            have = [k for k in group if k != "params"]
-            raise ValueError(
-                f"loaded state dict's param group {i} lacks {missing} (it has {have}); "
-                f"is it from a different optimizer than {type(opt).__name__}?"
-            )
 
 
 class RMSprop(Optimizer):
@@ -70,7 +44,7 @@ class RMSprop(Optimizer):
         *,
         model=None,
     ):
-        _check_tensor_lr(lr)
+        check_tensor_lr(lr)
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= eps:
@@ -95,16 +69,13 @@ class RMSprop(Optimizer):
         }
         super().__init__(params, defaults, model=model)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        _check_saved_groups(self, state_dict)
-        super().load_state_dict(state_dict)
 
     def _structure(self):
         # torch decides on the momentum buffer when a parameter's state is created:
         # once a group has state, its buffer (or its absence) stays.
         rules = super()._structure()
         for i, (old, new) in enumerate(zip(self._rules, rules)):
-            if old.use_momentum == new.use_momentum or int(self._groups_state[i].step) == 0:
+            if old.use_momentum == new.use_momentum or not np.any(np.asarray(self._groups_state[i].step)):
                 continue
             if old.use_momentum:
                 rules[i] = dataclasses.replace(new, use_momentum=True)
