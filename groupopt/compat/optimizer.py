@@ -63,8 +63,8 @@ def check_tensor_lr(lr):
 
 def _to_numpy(x):
     """numpy copy of an array-like (jax, numpy or a torch tensor: torch is never imported here)."""
-    if hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor
-        return x.detach().cpu().numpy()
+    if hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor: copy, never alias its live memory
+        return x.detach().cpu().numpy().copy()
     return np.array(x, copy=True)
 
 
