@@ -18,6 +18,9 @@ torch-shaped API: :mod:`groupopt.compat` (``import groupopt.compat as optim``).
 """
 
 from . import schedules
+from .accumulation import accumulate
+from .plateau import reduce_on_plateau
+from .report import report
 from .slices import freeze_first, layerwise_decay
 from .groups import ALL, GroupPlan, partition, rest
 from .optimizers.adam import AdamRule, AdamWRule
@@ -31,6 +34,7 @@ from .optimizers.nadam import NAdamRule, nadam
 from .optimizers.radam import RAdamRule, radam
 from .optimizers.rprop import RpropRule, rprop
 from .optimizers.asgd import ASGDRule, asgd
+from .optimizers.lbfgs import LBFGSSolver, lbfgs
 from .transform import Group, GroupConfig, GroupedState, GroupedTransformation, GroupState, group, grouped
 
 __version__ = "0.1.0"
@@ -69,5 +73,7 @@ __all__ = [
     "RMSpropRule", "rmsprop", "AdagradRule", "adagrad", "AdadeltaRule", "adadelta", "AdamaxRule", "adamax",
     "ALL", "GroupPlan", "partition", "rest", "group", "grouped", "Group", "GroupConfig", "GroupState",
     "GroupedState", "GroupedTransformation", "Rule", "SGDRule", "AdamRule", "AdamWRule",
-    "sgd", "adam", "adamw", "schedules", "layerwise_decay", "freeze_first",
+    "sgd", "adam", "adamw", "schedules", "layerwise_decay", "freeze_first", "report",
+    "accumulate", "reduce_on_plateau",
+    "LBFGSSolver", "lbfgs",
 ]

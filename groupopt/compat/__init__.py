@@ -20,6 +20,7 @@ from .nadam import NAdam
 from .radam import RAdam
 from .rprop import Rprop
 from .asgd import ASGD
+from .lbfgs import LBFGS
 from .torch_interop import load_torch_checkpoint, to_numpy, to_torch
 
-__all__ = ["NAdam", "RAdam", "Rprop", "ASGD", "RMSprop", "Adagrad", "Adadelta", "Adamax", "Optimizer", "required", "SGD", "Adam", "AdamW", "lr_scheduler", "to_torch", "to_numpy", "load_torch_checkpoint"]
+__all__ = ["LBFGS", "NAdam", "RAdam", "Rprop", "ASGD", "RMSprop", "Adagrad", "Adadelta", "Adamax", "Optimizer", "required", "SGD", "Adam", "AdamW", "lr_scheduler", "to_torch", "to_numpy", "load_torch_checkpoint"]

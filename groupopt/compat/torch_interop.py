@@ -33,7 +33,11 @@ def _map_arrays(obj, fn):
 
 
 def to_torch(state_dict: dict) -> dict:
-    """Our ``state_dict()`` with every array in ``state`` as a torch tensor (``step``: float32 0-d)."""
+    """Our ``state_dict()`` with every array in ``state`` as a torch tensor (``step``: float32 0-d).
+
+    Arrays inside lists (LBFGS's ``old_dirs``, ``ro``, ...) are converted too;
+    Python numbers and ``None`` stay as they are, as torch keeps them.
+    """
     import torch
 
     def conv(v):
@@ -45,7 +49,7 @@ def to_torch(state_dict: dict) -> dict:
     for idx, entry in state_dict["state"].items():
         out = {}
         for k, v in entry.items():
-            t = conv(v)
+            t = _map_arrays(v, conv)  # lists too (LBFGS's history), None kept
             if k == "step" and isinstance(t, torch.Tensor):
                 t = t.to(torch.float32)
             out[k] = t
