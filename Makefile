@@ -27,7 +27,7 @@ demo: $(STAMP_DEMO)
 	$(BIN)/python examples/digits_groups.py
 
 bench: $(STAMP_TEST) $(STAMP_DEMO)
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache outputs

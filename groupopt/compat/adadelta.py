@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..optimizers.adadelta import AdadeltaRule
-from .optimizer import Optimizer, check_tensor_lr
+from .optimizer import Optimizer
+from .validation import check_lr, check_nonneg
 
 __all__ = ["Adadelta"]
 
@@ -33,15 +34,11 @@ class Adadelta(Optimizer):
         differentiable=False,
         model=None,
     ):
-        check_tensor_lr(lr)
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        check_lr(lr)
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"Invalid rho value: {rho}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_nonneg("epsilon", eps)
+        check_nonneg("weight_decay", weight_decay)
         defaults = {
             "lr": lr,
             "rho": rho,

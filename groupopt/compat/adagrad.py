@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..optimizers.adagrad import AdagradRule
-from .optimizer import Optimizer, check_tensor_lr
+from .optimizer import Optimizer
+from .validation import check_lr, check_nonneg
 
 __all__ = ["Adagrad"]
 
@@ -47,17 +48,11 @@ class Adagrad(Optimizer):
         fused=None,
         model=None,
     ):
-        check_tensor_lr(lr)
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= lr_decay:
-            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if not 0.0 <= initial_accumulator_value:
-            raise ValueError(f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
+        check_lr(lr)
+        check_nonneg("lr_decay", lr_decay)
+        check_nonneg("weight_decay", weight_decay)
+        check_nonneg("initial_accumulator_value", initial_accumulator_value)
+        check_nonneg("epsilon", eps)
         defaults = {
             "lr": lr,
             "lr_decay": lr_decay,

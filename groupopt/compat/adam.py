@@ -4,27 +4,19 @@ from __future__ import annotations
 
 from ..optimizers.adam import AdamRule
 from .optimizer import Optimizer
+from .validation import check_lr, check_nonneg, check_betas, check_fused
 
 __all__ = ["Adam", "AdamW"]
 
 
 def _validate_adam(lr, betas, eps, weight_decay, foreach, fused, differentiable):
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    if not 0.0 <= betas[0] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-    if not 0.0 <= betas[1] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    check_lr(lr)
+    check_nonneg("epsilon", eps)
+    check_betas(betas)
+    check_nonneg("weight_decay", weight_decay)
     if not (isinstance(betas[0], float) and isinstance(betas[1], float)):
         raise ValueError("betas must be either both floats or both Tensors")
-    if fused and differentiable:
-        raise RuntimeError("`fused` does not support `differentiable`")
-    if fused and foreach:
-        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    check_fused(fused, foreach, differentiable)
 
 
 class Adam(Optimizer):

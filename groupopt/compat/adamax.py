@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..optimizers.adamax import AdamaxRule
-from .optimizer import Optimizer, check_tensor_lr
+from .optimizer import Optimizer
+from .validation import check_lr, check_nonneg, check_betas
 
 __all__ = ["Adamax"]
 
@@ -34,17 +35,10 @@ class Adamax(Optimizer):
         capturable=False,
         model=None,
     ):
-        check_tensor_lr(lr)
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_lr(lr)
+        check_nonneg("epsilon", eps)
+        check_betas(betas)
+        check_nonneg("weight_decay", weight_decay)
         defaults = {
             "lr": lr,
             "betas": betas,

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from ..optimizers.asgd import ASGDRule
-from .nadam import _check_lr, _StrictLoad
 from .optimizer import Optimizer
+from .validation import check_lr, check_nonneg
 
 __all__ = ["ASGD"]
 
 
-class ASGD(_StrictLoad, Optimizer):
+class ASGD(Optimizer):
     r"""torch.optim.ASGD (averaged SGD).
 
     The update is :class:`groupopt.ASGDRule` (see there for the math); the
@@ -37,9 +37,8 @@ class ASGD(_StrictLoad, Optimizer):
         *,
         model=None,
     ):
-        _check_lr(lr)
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_lr(lr)
+        check_nonneg("weight_decay", weight_decay)
         defaults = {
             "lr": lr,
             "lambd": lambd,

@@ -34,6 +34,7 @@ from ..groups import GroupPlan, _is_module, _is_variable, ALL
 from ..optimizers.base import Rule, hparam_dtype
 from ..sharding import replicated
 from ..transform import GroupConfig, GroupedState, GroupState, apply_groups, init_group_state
+from .validation import check_saved_groups
 from .params import NNXBinding, TreeBinding, TreeParam, is_nnx_state, is_tree, make_binding
 
 __all__ = ["Optimizer", "required", "LoadReport"]
@@ -53,12 +54,6 @@ def _typename(x) -> str:
     if isinstance(x, (bool, int, float, str)):
         return type(x).__name__
     return f"{type(x).__module__}.{type(x).__name__}" if type(x).__module__ != "builtins" else type(x).__name__
-
-
-def check_tensor_lr(lr):
-    """torch's check of an array-valued lr: ``Tensor lr must be 1-element``."""
-    if hasattr(lr, "shape") and not isinstance(lr, (int, float)) and np.size(lr) != 1:
-        raise ValueError("Tensor lr must be 1-element")
 
 
 def _to_numpy(x):
@@ -576,14 +571,7 @@ class Optimizer:
         """
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from state_dict())")
-        for i, group in enumerate(state_dict["param_groups"]):
-            lacks = [k for k in self._rule_cls.hyperparams if not isinstance(group, dict) or k not in group]
-            if lacks:
-                have = [k for k in group if k != "params"] if isinstance(group, dict) else type(group).__name__
-                raise ValueError(
-                    f"loaded state dict's param group {i} lacks {lacks} (it has {have}); "
-                    f"is it from a different optimizer than {type(self).__name__}?"
-                )
+        check_saved_groups(self, state_dict)
         saved_names = self._saved_names(state_dict)
         ours = self._member_names()
         if saved_names and all(n is not None for names in ours for n in names):

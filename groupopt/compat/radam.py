@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from ..optimizers.radam import RAdamRule
-from .nadam import _check_lr, _StrictLoad
 from .optimizer import Optimizer
+from .validation import check_lr, check_nonneg, check_betas
 
 __all__ = ["RAdam"]
 
 
-class RAdam(_StrictLoad, Optimizer):
+class RAdam(Optimizer):
     r"""torch.optim.RAdam.
 
     The update is :class:`groupopt.RAdamRule` (see there for the math); the
@@ -36,15 +36,10 @@ class RAdam(_StrictLoad, Optimizer):
         differentiable=False,
         model=None,
     ):
-        _check_lr(lr)
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_lr(lr)
+        check_nonneg("epsilon", eps)
+        check_betas(betas)
+        check_nonneg("weight_decay", weight_decay)
         defaults = {
             "lr": lr,
             "betas": betas,

@@ -7,7 +7,8 @@ import dataclasses
 import numpy as np
 
 from ..optimizers.rmsprop import RMSpropRule
-from .optimizer import Optimizer, check_tensor_lr
+from .optimizer import Optimizer
+from .validation import check_lr, check_nonneg
 
 __all__ = ["RMSprop"]
 
@@ -44,17 +45,11 @@ class RMSprop(Optimizer):
         *,
         model=None,
     ):
-        check_tensor_lr(lr)
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= momentum:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if not 0.0 <= alpha:
-            raise ValueError(f"Invalid alpha value: {alpha}")
+        check_lr(lr)
+        check_nonneg("epsilon", eps)
+        check_nonneg("momentum", momentum)
+        check_nonneg("weight_decay", weight_decay)
+        check_nonneg("alpha", alpha)
         defaults = {
             "lr": lr,
             "momentum": momentum,

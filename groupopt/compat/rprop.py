@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from ..optimizers.rprop import RpropRule
-from .nadam import _check_lr, _StrictLoad
 from .optimizer import Optimizer
+from .validation import check_lr
 
 __all__ = ["Rprop"]
 
 
-class Rprop(_StrictLoad, Optimizer):
+class Rprop(Optimizer):
     r"""torch.optim.Rprop.
 
     The update is :class:`groupopt.RpropRule` (see there for the math); the
@@ -35,7 +35,7 @@ class Rprop(_StrictLoad, Optimizer):
         differentiable=False,
         model=None,
     ):
-        _check_lr(lr)
+        check_lr(lr)
         if not 0.0 < etas[0] < 1.0 < etas[1]:
             raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
         defaults = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..optimizers.sgd import SGDRule
 from .optimizer import Optimizer
+from .validation import check_fused
 
 __all__ = ["SGD"]
 
@@ -53,8 +54,5 @@ class SGD(Optimizer):
         }
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        if fused and differentiable:
-            raise RuntimeError("`fused` does not support `differentiable`")
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        check_fused(fused, foreach, differentiable)
         super().__init__(params, defaults, model=model)

@@ -1,0 +1,1 @@
+"""groupopt's speed benchmarks: ``python benchmarks/run.py`` (see benchmarks/README.md)."""
