@@ -128,7 +128,7 @@ class Optimizer:
         self._count = jnp.zeros((), jnp.int32)
         self._rules: list[Rule] = []
         self._step_fns: dict = {}
-        self._grad_idx: dict = {}
+        self._members_cache = None
         self._grad_acc = None
         self._adder = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
         self.num_compiles = 0
@@ -307,27 +307,32 @@ class Optimizer:
             self._groups_state[i] = GroupState(gs.step, scalars, slots)
             self._rules[i] = new
 
-    def _step_fn(self, rules, grads, members):
-        treedef = jax.tree.structure(grads)
-        sizes = tuple(len(g["params"]) for g in self.param_groups)
-        key = (tuple(rules), sizes, treedef)
+    def _members(self):
+        """The flat member list (group order), cached until a group's list changes."""
+        key = tuple((id(g["params"]), len(g["params"])) for g in self.param_groups)
+        if self._members_cache is None or self._members_cache[0] != key:
+            self._members_cache = (key, [m for g in self.param_groups for m in g["params"]])
+        return self._members_cache
+
+    def _step_fn(self, rules, members_key, members):
+        """The jitted step for this structure. Gradients are matched to members while tracing, from
+        the gradient tree's structure, so a new gradient structure simply retraces (jit's own cache)."""
+        key = (tuple(rules), members_key, id(self._state_sharding))
         fn = self._step_fns.get(key)
         if fn is not None:
             return fn
-        gkey = (sizes, treedef)
-        idx = self._grad_idx.get(gkey)
-        if idx is None:
-            idx = self._grad_idx[gkey] = self._binding.grad_indices(grads, members)
+        sizes = tuple(len(g["params"]) for g in self.param_groups)
         configs = tuple(GroupConfig(str(i), r, {k: 0.0 for k in r.hyperparams}) for i, r in enumerate(rules))
         labels = [g for g, n in enumerate(sizes) for _ in range(n)]
         plan = GroupPlan.from_labels([str(i) for i in range(len(labels))], labels, [str(i) for i in range(len(sizes))])
-
         shardings = None
         if self._state_sharding is not None:
             shardings = self._shardings_for(members, self._binding.get(members))
+        binding = self._binding
 
         def step(values, grads, groups_state, count, hparams):
             self.num_compiles += 1  # runs once per trace, i.e. per compilation
+            idx = binding.grad_indices(grads, members)
             leaves = jax.tree.leaves(grads, is_leaf=_is_variable)
             leaves = [x.get_value() if _is_variable(x) else x for x in leaves]
             sel = [leaves[i] for i in idx]
@@ -361,8 +366,8 @@ class Optimizer:
         rules = self._structure()
         hparams = tuple(self._host_hparams(g, f"param group {i}") for i, g in enumerate(self.param_groups))
         self._sync_structure(rules)
-        members = [m for g in self.param_groups for m in g["params"]]
-        fn = self._step_fn(rules, grads, members)
+        members_key, members = self._members()
+        fn = self._step_fn(rules, members_key, members)
         values = self._binding.get(members)
         new_values, groups_state, self._count = fn(values, grads, tuple(self._groups_state), self._count, hparams)
         self._binding.set(members, new_values)
