@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
+
 from ..optimizers.sgd import SGDRule
 from .optimizer import Optimizer
 from .validation import check_fused
@@ -56,3 +60,15 @@ class SGD(Optimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         check_fused(fused, foreach, differentiable)
         super().__init__(params, defaults, model=model)
+
+    def _structure(self):
+        # torch keeps a momentum buffer once it exists: a momentum edited to 0 bypasses it (the
+        # rule does that in-graph), and a later nonzero momentum resumes from it. So a group whose
+        # buffer exists keeps its buffer-carrying structure.
+        rules = super()._structure()
+        for i, (old, new) in enumerate(zip(self._rules, rules)):
+            if old.use_momentum and not new.use_momentum:
+                has_buffer = self._groups_state[i].scalars.get("has_buffer")
+                if has_buffer is not None and bool(np.any(np.asarray(has_buffer))):
+                    rules[i] = dataclasses.replace(new, use_momentum=True)
+        return rules

@@ -28,6 +28,9 @@ class SGDRule(Rule):
     ``weight_decay`` :math:`\lambda`). With ``momentum == 0`` there is no buffer
     and no state, as in torch; the first buffer is the gradient itself, without
     :math:`(1-\tau)`.
+    A momentum edited to 0 once the buffer exists skips the buffer and leaves
+    it unchanged (torch's ``if momentum != 0``); a later nonzero momentum
+    resumes from it.
     """
 
     nesterov: bool = False
@@ -69,15 +72,21 @@ class SGDRule(Rule):
             "one_minus_dampening": 1 - hp["dampening"],
         }
         if self.use_momentum:
+            # torch: `if momentum != 0` -- a zero momentum (edited mid-run) bypasses the buffer and
+            # leaves it as it is; it is created by the first step with a nonzero momentum.
+            on = hp["momentum"] != 0
             coef["has_buffer"] = scalars["has_buffer"]
-            scalars = {"has_buffer": jnp.ones((), jnp.bool_)}
+            coef["momentum_on"] = on
+            scalars = {"has_buffer": scalars["has_buffer"] | jnp.any(on)}
         return coef, scalars
 
     def apply(self, grad, p, slots, c):
         g = -grad if self.maximize else grad
         g = g + c["wd"] * p
         if self.use_momentum:
-            buf = jnp.where(c["has_buffer"], slots["momentum_buffer"] * c["momentum"] + c["one_minus_dampening"] * g, g)
-            g = g + c["momentum"] * buf if self.nesterov else buf
-            slots = {"momentum_buffer": buf}
+            old = slots["momentum_buffer"]
+            buf = jnp.where(c["has_buffer"], old * c["momentum"] + c["one_minus_dampening"] * g, g)
+            d = g + c["momentum"] * buf if self.nesterov else buf
+            g = jnp.where(c["momentum_on"], d, g)
+            slots = {"momentum_buffer": jnp.where(c["momentum_on"], buf, old)}
         return p + c["neg_lr"] * g, slots
