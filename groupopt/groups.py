@@ -236,12 +236,12 @@ class GroupPlan:
         raise ValueError(msg)
 
 
-def partition(params, selectors: Sequence[Any], names: Sequence[str] | None = None) -> GroupPlan:
+def partition(params, selectors: Sequence[Any], names: Sequence[str] | None = None, require_all: bool = False) -> GroupPlan:
     """Assign every leaf of ``params`` to at most one of ``selectors``.
 
     Raises ``ValueError`` listing every leaf matched by more than one group (with
     both groups' names). Leaves matched by no group are frozen (``leaf_group ==
-    -1``).
+    -1``), unless ``require_all``: then every unmatched leaf is listed in one error.
     """
     params = as_param_tree(params)
     paths, leaves, treedef = flatten_with_paths(params)
@@ -262,10 +262,14 @@ def partition(params, selectors: Sequence[Any], names: Sequence[str] | None = No
             leaf_group[i] = hits[0]
         elif rest_groups:
             leaf_group[i] = rest_groups[0]
-    if clashes:
-        raise ValueError(
-            "some parameters appear in more than one parameter group: " + "; ".join(clashes)
-        )
+    unmatched = [paths[i] for i, g in enumerate(leaf_group) if g < 0] if require_all else []
+    if clashes or unmatched:
+        parts = []
+        if clashes:
+            parts.append("some parameters appear in more than one parameter group: " + "; ".join(clashes))
+        if unmatched:
+            parts.append(f"{len(unmatched)} parameters are in no group (require_all=True): " + ", ".join(map(repr, unmatched)))
+        raise ValueError("\n".join(parts))
     for g, sel in enumerate(selectors):
         if matchers[g] is not None and not any(lg == g for lg in leaf_group):
             raise ValueError(f"group {g} ({names[g]}) selects no parameter: selector {_describe(sel)}")

@@ -117,7 +117,7 @@ def _normalize_value(v, tuple_valued: bool):
     return v
 
 
-def _check_per_slice(config: GroupConfig, leaves, paths, where: str) -> None:
+def check_per_slice(config: GroupConfig, leaves, paths, where: str) -> None:
     """A 1-D hyperparameter of length L needs every member leaf to have a leading axis of size L."""
     def lengths(v):
         if isinstance(v, tuple):
@@ -334,7 +334,7 @@ def _group_index(configs, group) -> int:
 
 
 def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: Rule | type, state_sharding=None,
-            **defaults) -> GroupedTransformation:
+            require_all: bool = False, **defaults) -> GroupedTransformation:
     """Build one transformation that updates each group with its own rule and hyperparameters.
 
     Args:
@@ -346,6 +346,8 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
       groups: a list of :func:`group` specs (or torch-style dicts with a
         ``"params"`` selector). ``None``: one group with everything.
       rule: the default update rule (e.g. ``groupopt.AdamWRule()``).
+      require_all: every leaf must be in a group; one error lists every leaf
+        that is not (by default such leaves are frozen, as in torch).
       state_sharding: optional ``(path, param) -> Sharding | None`` placing each
         per-leaf state array (e.g. :func:`groupopt.sharding.zero1`); by default
         state is sharded exactly like its parameter. Needs ``params``.
@@ -390,10 +392,10 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
             raise ValueError("groups need the parameter tree to match against: pass params")
         plan = None
     else:
-        plan = partition(as_param_tree(params), [s.select for s in specs], names)
+        plan = partition(as_param_tree(params), [s.select for s in specs], names, require_all=require_all)
         _, leaves, _ = _flat(as_param_tree(params))
         for g, c in enumerate(configs):
-            _check_per_slice(c, [leaves[i] for i in plan.members[g]], [plan.paths[i] for i in plan.members[g]], f"group {g} ({c.name})")
+            check_per_slice(c, [leaves[i] for i in plan.members[g]], [plan.paths[i] for i in plan.members[g]], f"group {g} ({c.name})")
 
     def plan_for(paths):
         if plan is None:

@@ -94,3 +94,15 @@ def test_nnx_selector_needs_variables_not_raw_arrays():
 def test_unknown_selector_type():
     with pytest.raises(TypeError, match="cannot select parameters with int"):
         partition(tree(), [3])
+
+
+def test_require_all_lists_every_unmatched_and_doubly_matched_leaf_at_once():
+    with pytest.raises(ValueError) as e:
+        partition(tree(), ["encoder/layer0", "**/kernel"], require_all=True)
+    msg = str(e.value)
+    assert "'encoder/layer0/kernel' is in group 0 (0) and group 1 (1)" in msg
+    assert "2 parameters are in no group (require_all=True): 'encoder/layer1/bias', 'head/bias'" in msg
+    tx = groupopt.adam(params=tree(), groups=[groupopt.group("encoder"), groupopt.group("head")])
+    assert tx.plan.frozen() == ()
+    with pytest.raises(ValueError, match="1 parameters are in no group"):
+        groupopt.grouped(tree(), [groupopt.group("encoder"), groupopt.group("head/kernel")], rule=groupopt.AdamRule, require_all=True)

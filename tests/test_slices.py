@@ -71,3 +71,33 @@ def test_per_slice_length_must_match_every_member():
         groupopt.adam(lr=np.ones(4), params=p0, groups=[groupopt.group(groupopt.ALL)])
     tx = groupopt.adam(params=p0, groups=[groupopt.group("stack", lr=np.ones(4)), groupopt.group("head", lr=0.1)])
     assert tx.init(p0).hyperparams[0]["lr"].shape == (4,)
+
+
+def test_compat_group_with_per_layer_lr_vector_matches_torch_per_layer_groups():
+    import groupopt.compat as optim
+
+    rng = np.random.default_rng(5)
+    p0 = {"stack": {"kernel": rng.standard_normal((L, 3, 3)), "bias": rng.standard_normal((L, 3))}, "head": rng.standard_normal(3)}
+    lrs = groupopt.layerwise_decay(0.01, 0.7, L)
+    opt = optim.AdamW([{"params": "stack", "lr": lrs}, {"params": "head", "lr": 0.02}], model=p0)
+    tk = [torch.tensor(p0["stack"]["kernel"][i], requires_grad=True) for i in range(L)]
+    tb = [torch.tensor(p0["stack"]["bias"][i], requires_grad=True) for i in range(L)]
+    th = torch.tensor(p0["head"], requires_grad=True)
+    topt = torch.optim.AdamW([{"params": [tb[i], tk[i]], "lr": float(lrs[i])} for i in range(L)] + [{"params": [th], "lr": 0.02}])
+    for k in range(50):
+        g = {"stack": {"kernel": rng.standard_normal((L, 3, 3)), "bias": rng.standard_normal((L, 3))}, "head": rng.standard_normal(3)}
+        for i in range(L):
+            tk[i].grad, tb[i].grad = torch.tensor(g["stack"]["kernel"][i]), torch.tensor(g["stack"]["bias"][i])
+        th.grad = torch.tensor(g["head"])
+        if k == 25:  # a per-layer lr edit, as a scheduler would make: no recompile
+            opt.param_groups[0]["lr"] = lrs * 0.5
+            for i in range(L):
+                topt.param_groups[i]["lr"] = float(lrs[i] * 0.5)
+        topt.step()
+        opt.step(g)
+    for i in range(L):
+        assert rel(opt.params["stack"]["kernel"][i], tk[i].detach()) < 1e-12
+    assert rel(opt.params["head"], th.detach()) < 1e-12
+    assert opt.num_compiles == 1
+    with pytest.raises(ValueError, match=r"lr has 4 per-slice values, but member 'head' has shape \(3,\)"):
+        optim.SGD([{"params": "head", "lr": np.ones(4)}], model=p0)

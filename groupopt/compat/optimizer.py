@@ -33,7 +33,7 @@ import numpy as np
 from ..groups import GroupPlan, _is_module, _is_variable, ALL
 from ..optimizers.base import Rule, hparam_dtype
 from ..sharding import replicated
-from ..transform import GroupConfig, GroupedState, GroupState, apply_groups, init_group_state
+from ..transform import GroupConfig, GroupedState, GroupState, check_per_slice, apply_groups, init_group_state
 from .validation import check_saved_groups
 from .params import NNXBinding, TreeBinding, TreeParam, is_nnx_state, is_tree, make_binding
 
@@ -224,6 +224,8 @@ class Optimizer:
         rule = self._rule_for(candidate, where)
         hp = self._host_hparams(candidate, where)
         values = self._binding.get(members)
+        check_per_slice(GroupConfig(where, rule, self._numbers(candidate, where)), values,
+                         [self._binding.name(m) or f"parameter {k}" for k, m in enumerate(members)], where)
         for k, v in enumerate(values):
             if getattr(v, "is_deleted", lambda: False)():
                 raise ValueError(
@@ -265,8 +267,14 @@ class Optimizer:
 
     @staticmethod
     def _number(v, where):
+        """A hyperparameter value: a number, or a 1-D per-slice vector (one value per slice of axis 0)."""
+        if isinstance(v, (list, np.ndarray, jax.Array)) and np.ndim(v) == 1 and np.size(v) > 1:
+            arr = np.asarray(v, dtype=np.float64)
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"{where} has non-finite per-slice values: {arr}")
+            return arr
         if isinstance(v, bool) or not (isinstance(v, numbers.Real) or (hasattr(v, "shape") and np.size(v) == 1)):
-            raise TypeError(f"{where} must be a number, got {v!r}")
+            raise TypeError(f"{where} must be a number or a 1-D per-slice vector, got {v!r}")
         return float(v)
 
     def _host_hparams(self, group: dict, where: str) -> dict:
