@@ -237,6 +237,9 @@ def update_group(config: GroupConfig, hparams: dict, gstate: GroupState, grads: 
         raise ValueError(f"group {config.name}: per-slice hyperparameters need one step count for the whole group")
     coef, scalars = rule.prepare(hparams, step.astype(hparam_dtype()), gstate.scalars)
     coef = {k: jnp.asarray(v) for k, v in coef.items()}
+    # Computed once for the group: the barrier keeps XLA from fusing (and so repeating) this scalar
+    # work into every element of every leaf's update loop.
+    coef = jax.lax.optimization_barrier(coef)
     by_dtype: dict = {}
     names = rule.slot_names()
     new_params, new_slots = [], {n: [] for n in names}

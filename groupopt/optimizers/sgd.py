@@ -69,24 +69,26 @@ class SGDRule(Rule):
             "neg_lr": -hp["lr"],
             "wd": hp["weight_decay"],
             "momentum": hp["momentum"],
-            "one_minus_dampening": 1 - hp["dampening"],
         }
         if self.use_momentum:
             # torch: `if momentum != 0` -- a zero momentum (edited mid-run) bypasses the buffer and
-            # leaves it as it is; it is created by the first step with a nonzero momentum.
-            on = hp["momentum"] != 0
-            coef["has_buffer"] = scalars["has_buffer"]
-            coef["momentum_on"] = on
-            scalars = {"has_buffer": scalars["has_buffer"] | jnp.any(on)}
+            # leaves it as it is; it is created by the first step with a nonzero momentum (buf = g).
+            # All three cases become coefficients of one expression (exact: x*1 + 0*y == x, x*0 + 1*y == y):
+            #   buf' = buf*keep + take*g      d = on*buf' + (1 - on)*g
+            has, on = scalars["has_buffer"], hp["momentum"] != 0
+            one, zero = jnp.ones_like(hp["momentum"]), jnp.zeros_like(hp["momentum"])
+            coef["keep"] = jnp.where(on, jnp.where(has, hp["momentum"], zero), one)
+            coef["take"] = jnp.where(on, jnp.where(has, 1 - hp["dampening"], one), zero)
+            coef["on"] = jnp.where(on, one, zero)
+            coef["off"] = 1 - coef["on"]
+            scalars = {"has_buffer": has | jnp.any(on)}
         return coef, scalars
 
     def apply(self, grad, p, slots, c):
         g = -grad if self.maximize else grad
         g = g + c["wd"] * p
         if self.use_momentum:
-            old = slots["momentum_buffer"]
-            buf = jnp.where(c["has_buffer"], old * c["momentum"] + c["one_minus_dampening"] * g, g)
-            d = g + c["momentum"] * buf if self.nesterov else buf
-            g = jnp.where(c["momentum_on"], d, g)
-            slots = {"momentum_buffer": jnp.where(c["momentum_on"], buf, old)}
+            buf = slots["momentum_buffer"] * c["keep"] + c["take"] * g
+            g = g + c["momentum"] * buf if self.nesterov else c["on"] * buf + c["off"] * g
+            slots = {"momentum_buffer": buf}
         return p + c["neg_lr"] * g, slots
