@@ -247,6 +247,21 @@ def optax_impl(w: Workload, cfg: Config) -> Measured:
     return _run_jitted(w, cfg, step_fn, tx.init, n_groups, note)
 
 
+def optax_plain(w: Workload, cfg: Config) -> Measured:
+    """``optax.adamw`` over the whole tree, no groups: the reference for "grouping is free"."""
+    import optax
+
+    g = w.groups[0]
+    b1, b2 = g.hparams["betas"]
+    tx = optax.adamw(g.hparams["lr"], b1=b1, b2=b2, eps=g.hparams["eps"], weight_decay=g.hparams["weight_decay"])
+
+    def step_fn(params, grads, state):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return _run_jitted(w, cfg, step_fn, tx.init, 1, "optax.adamw, one group (not the same update: no per-group lr/wd)")
+
+
 # --------------------------------------------------------------------------- groupopt
 
 
@@ -331,12 +346,13 @@ def groupopt_compat(w: Workload, cfg: Config) -> Measured:
 
 
 # impls that run a different update on purpose (excluded from the update_norm cross-check)
-NOT_COMPARABLE = {"groupopt_scalar_lr"}
+NOT_COMPARABLE = {"groupopt_scalar_lr", "optax_plain"}
 
 IMPLS: dict[str, Callable[[Workload, Config], Measured]] = {
     "torch_fused": torch_fused,
     "torch_foreach": torch_foreach,
     "optax": optax_impl,
+    "optax_plain": optax_plain,
     "groupopt": groupopt_impl,
     "groupopt_scalar_lr": groupopt_scalar_lr,
     "groupopt_compat": groupopt_compat,

@@ -138,7 +138,8 @@ def adamw_48x(quick: bool) -> Workload:
     # 24 * (1152*1024 + 1024) = 28,336,128 parameters in 48 tensors
     rows, cols = (32, 32) if quick else (1152, 1024)
     shapes = _layers(23, (rows, cols), (cols,), {"kernel": (rows, cols), "bias": (cols,)})
-    return _optimizer_workload("adamw_48x", "AdamW, 3 groups, 28.3M params in 48 large tensors", shapes, _three_adamw_groups)
+    return _optimizer_workload("adamw_48x", "AdamW, 3 groups, 28.3M params in 48 large tensors", shapes, _three_adamw_groups,
+                               impls=OPT_IMPLS + ("optax_plain",))
 
 
 def _shapes_2001(quick: bool) -> dict:
@@ -148,7 +149,8 @@ def _shapes_2001(quick: bool) -> dict:
 
 
 def adamw_2001(quick: bool) -> Workload:
-    return _optimizer_workload("adamw_2001", "AdamW, 3 groups, 4.2M params in 2001 small tensors", _shapes_2001(quick), _three_adamw_groups)
+    return _optimizer_workload("adamw_2001", "AdamW, 3 groups, 4.2M params in 2001 small tensors", _shapes_2001(quick),
+                               _three_adamw_groups, impls=OPT_IMPLS + ("optax_plain",))
 
 
 def _sgd_groups(paths) -> tuple:
