@@ -9,20 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..transform import grouped
-from .base import Rule
+from .base import Rule, stored
 
 __all__ = ["ASGDRule", "asgd"]
-
-
-def _stored(x, guard):
-    """``x`` as torch stores it after an in-place op: rounded to its dtype before the next add.
-
-    XLA (via LLVM) contracts ``a * b + c * d`` into ``fma(a, b, round(c * d))``, while torch
-    rounds ``a * b`` into the tensor first and fuses the *other* product (``add_(x, alpha=...)``
-    is an FMA). Passing the product through a select (a no-op here: where ``guard`` is NaN the
-    result is NaN either way) stops that contraction, so the float32 result is torch's to the ulp.
-    """
-    return jnp.where(jnp.isnan(guard), guard, x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +94,10 @@ class ASGDRule(Rule):
     def apply(self, grad, p, slots, c):
         g = -grad if self.maximize else grad
         g = jnp.where(c["has_wd"], g + c["wd"] * p, g)
-        p = _stored(p * c["decay"], grad)
+        p = stored(p * c["decay"], grad)
         p = p + c["neg_eta"] * g  # torch: add_(g, alpha=-eta), an FMA
         ax = slots["ax"]
-        ax = jnp.where(c["average"], ax + _stored((p - ax) * c["mu"], grad), p)
+        ax = jnp.where(c["average"], ax + stored((p - ax) * c["mu"], grad), p)
         return p, {"ax": ax}
 
 

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Rule", "hparam_dtype", "lerp"]
+__all__ = ["Rule", "hparam_dtype", "lerp", "stored"]
 
 
 def hparam_dtype():
@@ -36,6 +36,17 @@ def hparam_dtype():
 def lerp(start, end, weight):
     """``torch.lerp`` with a scalar weight, using torch's two-branch formula."""
     return jnp.where(jnp.abs(weight) < 0.5, start + weight * (end - start), end - (end - start) * (1 - weight))
+
+
+def stored(x, guard):
+    """``x`` as torch stores it after an in-place op: rounded to its dtype before the next add.
+
+    XLA (via LLVM) contracts ``a * b + c * d`` into ``fma(a, b, round(c * d))``, while torch
+    rounds ``a * b`` into the tensor first and fuses the *other* product (``add_(x, alpha=...)``
+    is an FMA). Passing the product through a select (a no-op here: where ``guard`` is NaN the
+    result is NaN either way) stops that contraction, so the float32 result is torch's to the ulp.
+    """
+    return jnp.where(jnp.isnan(guard), guard, x)
 
 
 @dataclasses.dataclass(frozen=True)

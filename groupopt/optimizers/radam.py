@@ -8,20 +8,9 @@ from typing import ClassVar
 import jax.numpy as jnp
 
 from ..transform import grouped
-from .base import Rule, lerp
+from .base import Rule, lerp, stored
 
 __all__ = ["RAdamRule", "radam"]
-
-
-def _stored(x, guard):
-    """``x`` as torch stores it after an in-place op: rounded to its dtype before the next add.
-
-    XLA (via LLVM) contracts ``a * b + c * d`` into ``fma(a, b, round(c * d))``, while torch
-    rounds ``a * b`` into the tensor first and fuses the *other* product (``add_(x, alpha=...)``
-    is an FMA). Passing the product through a select (a no-op here: where ``guard`` is NaN the
-    result is NaN either way) stops that contraction, so the float32 result is torch's to the ulp.
-    """
-    return jnp.where(jnp.isnan(guard), guard, x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,11 +73,11 @@ class RAdamRule(Rule):
     def apply(self, grad, p, slots, c):
         g = -grad if self.maximize else grad
         if self.decoupled_weight_decay:
-            p = _stored(p * c["decay"], grad)
+            p = stored(p * c["decay"], grad)
         else:
             g = jnp.where(c["has_wd"], g + c["wd"] * p, g)
         m = lerp(slots["exp_avg"], g, c["one_minus_b1"])
-        v = _stored(slots["exp_avg_sq"] * c["b2"], grad) + c["one_minus_b2"] * g * g
+        v = stored(slots["exp_avg_sq"] * c["b2"], grad) + c["one_minus_b2"] * g * g
         step = (m / c["bc1"]) * c["lr"]
         adaptive = (1 / (jnp.sqrt(v) + c["eps"])) * c["bc2_sqrt"]  # torch: scalar / tensor == reciprocal * scalar
         step = jnp.where(c["rectify"], step * adaptive * c["rect"], step)
