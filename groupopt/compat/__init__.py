@@ -21,6 +21,9 @@ from .radam import RAdam
 from .rprop import Rprop
 from .asgd import ASGD
 from .lbfgs import LBFGS
+from .hooks import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from .optimizer import LoadReport
 from .torch_interop import load_torch_checkpoint, to_numpy, to_torch
 
-__all__ = ["LBFGS", "NAdam", "RAdam", "Rprop", "ASGD", "RMSprop", "Adagrad", "Adadelta", "Adamax", "Optimizer", "required", "SGD", "Adam", "AdamW", "lr_scheduler", "to_torch", "to_numpy", "load_torch_checkpoint"]
+__all__ = ["LBFGS", "NAdam", "RAdam", "Rprop", "ASGD", "RMSprop", "Adagrad", "Adadelta", "Adamax", "Optimizer", "required", "SGD", "Adam", "AdamW", "lr_scheduler", "to_torch", "to_numpy", "load_torch_checkpoint",
+           "register_optimizer_step_pre_hook", "register_optimizer_step_post_hook", "LoadReport"]

@@ -22,6 +22,7 @@ since the last :meth:`Optimizer.zero_grad` (torch's ``backward()`` adds into
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 import numbers
 import warnings
 from typing import Any, Callable, ClassVar, NamedTuple
@@ -34,6 +35,7 @@ from ..groups import GroupPlan, _is_module, _is_variable, ALL
 from ..optimizers.base import Rule, hparam_dtype
 from ..sharding import replicated
 from ..transform import GroupConfig, GroupedState, GroupState, check_per_slice, apply_groups, init_group_state
+from . import hooks
 from .validation import check_saved_groups
 from .params import NNXBinding, TreeBinding, TreeParam, is_nnx_state, is_tree, make_binding
 
@@ -115,6 +117,10 @@ class Optimizer:
 
     _rule_cls: ClassVar[type[Rule]]
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        hooks.wrap_class(cls)
+
     def __init__(self, params, defaults: dict, *, model=None):
         if isinstance(params, jax.Array) or _is_variable(params) or isinstance(params, np.ndarray):
             raise TypeError(
@@ -123,6 +129,12 @@ class Optimizer:
             )
         self.defaults = defaults
         self.param_groups: list[dict] = []
+        self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: OrderedDict = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
         self._binding = make_binding(params, model)
         self._groups_state: list[GroupState] = []  # core per-group state, aligned with param_groups
         self._count = jnp.zeros((), jnp.int32)
@@ -731,6 +743,32 @@ class Optimizer:
         self._rules = new_rules
         self._groups_state = new_states
 
+    # ------------------------------------------------------------------ hooks (torch's)
+
+    def register_step_pre_hook(self, hook) -> "hooks.RemovableHandle":
+        """``hook(optimizer, args, kwargs) -> None | (new_args, new_kwargs)``, before each ``step``."""
+        return hooks.add_hook(self._optimizer_step_pre_hooks, hook)
+
+    def register_step_post_hook(self, hook) -> "hooks.RemovableHandle":
+        """``hook(optimizer, args, kwargs)``, after each ``step``."""
+        return hooks.add_hook(self._optimizer_step_post_hooks, hook)
+
+    def register_state_dict_pre_hook(self, hook, prepend: bool = False) -> "hooks.RemovableHandle":
+        """``hook(optimizer)``, before ``state_dict`` builds its dict."""
+        return hooks.add_hook(self._optimizer_state_dict_pre_hooks, hook, prepend)
+
+    def register_state_dict_post_hook(self, hook, prepend: bool = False) -> "hooks.RemovableHandle":
+        """``hook(optimizer, state_dict) -> None | new state_dict``, before ``state_dict`` returns."""
+        return hooks.add_hook(self._optimizer_state_dict_post_hooks, hook, prepend)
+
+    def register_load_state_dict_pre_hook(self, hook, prepend: bool = False) -> "hooks.RemovableHandle":
+        """``hook(optimizer, state_dict) -> None | new state_dict``, before loading."""
+        return hooks.add_hook(self._optimizer_load_state_dict_pre_hooks, hook, prepend)
+
+    def register_load_state_dict_post_hook(self, hook, prepend: bool = False) -> "hooks.RemovableHandle":
+        """``hook(optimizer)``, after loading."""
+        return hooks.add_hook(self._optimizer_load_state_dict_post_hooks, hook, prepend)
+
     # ------------------------------------------------------------------ misc
 
     def report(self, verbose: bool = False) -> str:
@@ -763,3 +801,6 @@ class Optimizer:
         raise TypeError(
             f"{type(self).__name__} holds live parameters and compiled steps; pickle optimizer.state_dict() instead"
         )
+
+
+hooks.wrap_class(Optimizer)
