@@ -225,13 +225,25 @@ def update_group(config: GroupConfig, hparams: dict, gstate: GroupState, grads: 
     """Apply one group's rule to its member leaves: returns ``(new_params, new_group_state)``.
 
     The scalar work (bias corrections, ...) is done once for the group; each
-    leaf then runs one elementwise computation. ``shardings`` (per member, or
+    leaf then runs one elementwise computation. A ``None`` gradient skips its
+    member (torch's ``p.grad is None``). ``shardings`` (per member, or
     None) pins the new per-leaf state to a placement (e.g. ZeRO-1).
     """
     rule = config.rule
-    step = gstate.step + 1
+    present = [g is not None for g in grads]
+    if all(present):
+        step = gstate.step + 1
+    else:
+        # Members without a gradient (torch's p.grad is None) are skipped: no update, no state
+        # change, no step. Their counts fall behind, so the group keeps one count per member.
+        n = len(grads)
+        widen = lambda v: jnp.broadcast_to(v, (n,)) if jnp.ndim(v) == 0 else v  # noqa: E731
+        gstate = GroupState(widen(gstate.step), {k: widen(v) for k, v in gstate.scalars.items()}, gstate.slots)
+        mask = jnp.asarray(present)
+        step = gstate.step + mask.astype(gstate.step.dtype)
     # Per-member steps (a vector): members joined the group at different times (a loaded torch
-    # checkpoint, regrouping). The scalar work then runs on vectors and each leaf takes its entry.
+    # checkpoint, regrouping, skipped members). The scalar work then runs on vectors and each leaf
+    # takes its entry.
     per_member = step.ndim == 1
     if per_member and any(jnp.ndim(v) for v in jax.tree.leaves(hparams)):
         raise ValueError(f"group {config.name}: per-slice hyperparameters need one step count for the whole group")
@@ -244,6 +256,11 @@ def update_group(config: GroupConfig, hparams: dict, gstate: GroupState, grads: 
     names = rule.slot_names()
     new_params, new_slots = [], {n: [] for n in names}
     for i, (g, p) in enumerate(zip(grads, params)):
+        if g is None:
+            new_params.append(p)
+            for n in names:
+                new_slots[n].append(gstate.slots[n][i])
+            continue
         if per_member:
             c = _leaf_coefs({k: v[i] if v.ndim == 1 else v for k, v in coef.items()}, p.dtype, p.ndim)
         else:
@@ -259,6 +276,8 @@ def update_group(config: GroupConfig, hparams: dict, gstate: GroupState, grads: 
         for n in names:
             v = s[n].astype(leaf_slots[n].dtype)
             new_slots[n].append(v if sh is None else constrain(v, sh))
+    if not all(present):
+        scalars = {k: jnp.where(mask, v, gstate.scalars[k]) for k, v in scalars.items()}
     return new_params, GroupState(step, scalars, {n: tuple(v) for n, v in new_slots.items()})
 
 

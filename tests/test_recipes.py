@@ -590,7 +590,16 @@ def test_groups_with_coinciding_inner_paths_get_their_own_grads(errlog):
             assert np.array_equal(after[p], before[p] - 0.25 * g2_np[p[len("block2/"):]]), p
         else:
             assert np.array_equal(after[p], before[p]), p
-    # ... but an optimizer over block1 cannot be fed block2's grads, although their paths coincide
+    # ... and block2's grads never reach block1, although their inner paths coincide: fed to the
+    # two-group optimizer they move block2 only (block1 has no gradient: skipped, as torch skips
+    # p.grad is None); an optimizer over block1 alone has no gradient at all and refuses them
+    opt1 = optim.SGD(model.block1, lr=0.25)
     with pytest.raises(ValueError, match="no gradient"):
-        optimizer.step(g2)
+        opt1.step(g2)
     assert all(np.array_equal(v, after[p]) for p, v in snapshot(model).items())
+    optimizer.step(g2)
+    moved = snapshot(model)
+    for p in before:
+        if p.startswith("block1/") or not p.startswith("block2/"):
+            assert np.array_equal(moved[p], after[p]), p
+    assert any(not np.array_equal(moved[p], after[p]) for p in before if p.startswith("block2/"))

@@ -42,6 +42,9 @@ from .params import NNXBinding, TreeBinding, TreeParam, is_nnx_state, is_tree, m
 __all__ = ["Optimizer", "required", "LoadReport"]
 
 
+_SCALAR_DONATION_WARNING = r"Some donated buffers were not usable: (?:(?:bool|[a-z]+\d+)\[\](?:, )?)+\.?\s"
+
+
 class _RequiredParameter:
     """Singleton class representing a required parameter for an Optimizer."""
 
@@ -352,10 +355,11 @@ class Optimizer:
 
         def step(values, grads, groups_state, count, hparams):
             self.num_compiles += 1  # runs once per trace, i.e. per compilation
-            idx = binding.grad_indices(grads, members)
+            # a member without a gradient (None) is skipped, as torch skips p.grad is None
+            idx = binding.grad_indices(grads, members, allow_missing=True)
             leaves = jax.tree.leaves(grads, is_leaf=_is_variable)
             leaves = [x.get_value() if _is_variable(x) else x for x in leaves]
-            sel = [leaves[i] for i in idx]
+            sel = [None if i is None else leaves[i] for i in idx]
             state = GroupedState(count, hparams, groups_state)
             new_values, new_state = apply_groups(configs, plan, state, sel, values, shardings)
             return new_values, new_state.groups, new_state.count
@@ -389,7 +393,11 @@ class Optimizer:
         members_key, members = self._members()
         fn = self._step_fn(rules, members_key, members)
         values = self._binding.get(members)
-        new_values, groups_state, self._count = fn(values, grads, tuple(self._groups_state), self._count, hparams)
+        with warnings.catch_warnings():
+            # when a group's step count turns per-member (skipped parameters), its old scalar
+            # buffers cannot be reused for the new vectors: harmless, not worth a warning
+            warnings.filterwarnings("ignore", message=_SCALAR_DONATION_WARNING)
+            new_values, groups_state, self._count = fn(values, grads, tuple(self._groups_state), self._count, hparams)
         self._binding.set(members, new_values)
         self._groups_state = list(groups_state)
         return loss

@@ -149,7 +149,8 @@ class NNXBinding(Binding):
         for v in members:
             variable_uid(v)
 
-    def grad_indices(self, grads, members):
+    def grad_indices(self, grads, members, allow_missing: bool = False):
+        """Per member, the index of its gradient among ``grads``' leaves (None: no gradient, when allowed)."""
         paths, leaves, _ = flatten_with_paths(grads)
         pos = {}
         for i, leaf in enumerate(leaves):
@@ -166,8 +167,8 @@ class NNXBinding(Binding):
                 missing.append(k)
             out.append(i)
         if missing and not pos and self._root_paths is not None:
-            return self._indices_by_path(grads, members)
-        if missing:
+            return self._indices_by_path(grads, members, allow_missing)
+        if missing and (not allow_missing or not pos or len(missing) == len(members)):
             if not pos:
                 raise ValueError(
                     "step(grads): the gradients carry no groupopt ids; pass the nnx.State that "
@@ -176,20 +177,18 @@ class NNXBinding(Binding):
                 )
             raise ValueError(
                 f"step(grads): no gradient for parameters {missing[:10]} (index in optimizer order); "
-                "take grads of a module that contains every parameter given to the optimizer"
+                + ("none of the gradients belongs to this optimizer's parameters"
+                   if len(missing) == len(members) else
+                   "take grads of a module that contains every parameter given to the optimizer")
             )
         return tuple(out)
 
 
-    def _indices_by_path(self, grads, members):
+    def _indices_by_path(self, grads, members, allow_missing=False):
         """Grads without ids (e.g. a pure dict): match by path from the root given as model=."""
         paths, _, _ = flatten_with_paths(grads)
-        pos = {p: i for i, p in enumerate(paths)}
         names = [self._root_paths.get(id(v)) for v in members]
-        missing = [n for n in names if n not in pos]
-        if missing:
-            raise ValueError(f"step(grads): grads tree has no gradient for {missing[:10]}")
-        return tuple(pos[n] for n in names)
+        return _by_path(paths, names, allow_missing)
 
 
 class TreeBinding(Binding):
@@ -233,13 +232,18 @@ class TreeBinding(Binding):
     def name(self, member):
         return member.path
 
-    def grad_indices(self, grads, members):
+    def grad_indices(self, grads, members, allow_missing: bool = False):
         paths, _, _ = flatten_with_paths(grads)
-        pos = {p: i for i, p in enumerate(paths)}
-        missing = [m.path for m in members if m.path not in pos]
-        if missing:
-            raise ValueError(f"step(grads): grads tree has no gradient for {missing[:10]}")
-        return tuple(pos[m.path] for m in members)
+        return _by_path(paths, [m.path for m in members], allow_missing)
+
+
+def _by_path(paths, names, allow_missing):
+    """Index of each name among ``paths`` (None where missing, if allowed)."""
+    pos = {p: i for i, p in enumerate(paths)}
+    missing = [n for n in names if n not in pos]
+    if missing and (not allow_missing or len(missing) == len(names)):
+        raise ValueError(f"step(grads): grads tree has no gradient for {missing[:10]}")
+    return tuple(pos.get(n) for n in names)
 
 
 def is_nnx_state(x) -> bool:
