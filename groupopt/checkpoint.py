@@ -126,36 +126,18 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save),
         )
 
-    # -- contents ---------------------------------------------------------
-    @staticmethod
-    def _arrays(optimizer, include_params: bool) -> dict:
-        groups = [{"step": gs.step, "scalars": dict(gs.scalars), "slots": {n: list(v) for n, v in gs.slots.items()}}
-                  for gs in optimizer._groups_state]
-        out = {"count": optimizer._count, "groups": groups}
-        if include_params:
-            out["params"] = [optimizer._binding.get(g["params"]) for g in optimizer.param_groups]
-        return out
-
-    @staticmethod
-    def _meta(optimizer, scheduler) -> dict:
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        return {
-            "optimizer": type(optimizer).__name__,
-            "sizes": [len(g["params"]) for g in optimizer.param_groups],
-            "param_groups": _encode(groups),
-            "scheduler": None if scheduler is None else {"class": type(scheduler).__name__, "state": _encode(scheduler.state_dict())},
-        }
-
     # -- API --------------------------------------------------------------
     def save(self, step: int, optimizer, scheduler=None, *, include_params: bool = False) -> None:
         """Start saving (asynchronously unless ``async_save=False``); arrays are snapshotted before returning."""
         ocp = _ocp()
+        arrays, meta = optimizer.export_state(include_params)
+        meta = dict(meta, param_groups=_encode(meta["param_groups"]), records=_encode(meta["records"]),
+                    extra=_encode(meta["extra"]))
+        meta["scheduler"] = None if scheduler is None else {"class": type(scheduler).__name__,
+                                                            "state": _encode(scheduler.state_dict())}
         self._manager.save(
             step,
-            args=ocp.args.Composite(
-                arrays=ocp.args.StandardSave(self._arrays(optimizer, include_params)),
-                meta=ocp.args.JsonSave(self._meta(optimizer, scheduler)),
-            ),
+            args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
         )
 
     def wait(self) -> None:
@@ -171,7 +153,9 @@ class Checkpointer:
     def restore(self, optimizer, scheduler=None, *, step: int | None = None, include_params: bool = False) -> int:
         """Load checkpoint ``step`` (default: latest) into ``optimizer`` (and ``scheduler``); returns the step.
 
-        Everything is read and checked before the optimizer changes.
+        All or nothing: everything is read and checked (the optimizer's arrays and groups, then the
+        scheduler, by loading its state and putting the old one back on failure) before the
+        optimizer changes.
         """
         ocp = _ocp()
         self.wait()
@@ -182,35 +166,33 @@ class Checkpointer:
         where = f"checkpoint {self.directory} step {step}"
         if meta["optimizer"] != type(optimizer).__name__:
             raise ValueError(f"{where} holds a {meta['optimizer']} optimizer, not a {type(optimizer).__name__}")
-        sizes = [len(g["params"]) for g in optimizer.param_groups]
-        if meta["sizes"] != sizes:
-            raise ValueError(f"{where} has groups of sizes {meta['sizes']}; this optimizer's are {sizes}")
         if (meta["scheduler"] is None) != (scheduler is None) or (
             scheduler is not None and meta["scheduler"]["class"] != type(scheduler).__name__
         ):
             saved = None if meta["scheduler"] is None else meta["scheduler"]["class"]
             raise ValueError(f"{where} holds scheduler {saved}, but {type(scheduler).__name__ if scheduler else None} was given")
-        like = self._arrays(optimizer, include_params)
+        opt_meta = dict(meta, param_groups=_decode(meta["param_groups"]), records=_decode(meta.get("records")),
+                        extra=_decode(meta.get("extra")))
+        sizes = [len(g["params"]) for g in optimizer.param_groups]
+        if list(opt_meta["sizes"]) != sizes:
+            raise ValueError(f"{where} has groups of sizes {list(opt_meta['sizes'])}; this optimizer's are {sizes}")
+        like, _ = optimizer.export_state(include_params)
         arrays = self._manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(_abstract(like))))["arrays"]
-        groups = _decode(meta["param_groups"])
-        # commit
-        from .transform import GroupState
-
-        optimizer._count = arrays["count"]
-        optimizer._groups_state = [
-            GroupState(g["step"], dict(g["scalars"]), {n: tuple(v) for n, v in g["slots"].items()}) for g in arrays["groups"]
-        ]
-        for group, saved in zip(optimizer.param_groups, groups):
-            params = group["params"]
-            group.clear()
-            group.update(saved)
-            group["params"] = params
-        optimizer._rules = optimizer._structure()
-        if include_params:
-            for group, values in zip(optimizer.param_groups, arrays["params"]):
-                optimizer._binding.set(group["params"], list(values))
+        try:
+            commit = optimizer.prepare_import(arrays, opt_meta, include_params)
+        except ValueError as e:
+            raise ValueError(f"{where} {e}") from None
         if scheduler is not None:
-            scheduler.load_state_dict(_decode(meta["scheduler"]["state"]))
+            before = scheduler.state_dict()
+            try:
+                scheduler.load_state_dict(_decode(meta["scheduler"]["state"]))
+            except Exception as e:
+                scheduler.load_state_dict(before)
+                raise ValueError(
+                    f"{where}: its {type(scheduler).__name__} state does not fit the scheduler given ({e!r}); "
+                    "nothing was restored"
+                ) from e
+        commit()
         return step
 
     def close(self) -> None:

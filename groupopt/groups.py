@@ -28,7 +28,8 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-__all__ = ["ALL", "GroupPlan", "rest", "path_str", "flatten_with_paths", "partition"]
+__all__ = ["ALL", "AllSelector", "GroupPlan", "rest", "path_str", "flatten_with_paths", "partition", "is_module",
+           "is_variable", "matcher"]
 
 
 class _All:
@@ -278,3 +279,10 @@ def partition(params, selectors: Sequence[Any], names: Sequence[str] | None = No
 
 def describe_selector(selector) -> str:
     return _describe(selector)
+
+
+# Public names for the other layers (compat): the same functions, without the underscore.
+AllSelector = _All
+is_variable = _is_variable
+is_module = _is_module
+matcher = _matcher

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from . import hyperparams as hpmod
+from .grad_checks import check_grad_paths, check_grads, check_trainable
 from .groups import ALL, GroupPlan, as_param_tree, describe_selector, partition, path_str
 from .optimizers.base import Rule, hparam_dtype
 from .sharding import constrain, leaf_shardings, replicated
@@ -32,6 +33,10 @@ __all__ = [
     "GroupedState",
     "GroupedTransformation",
     "grouped",
+    "apply_groups",
+    "init_group_state",
+    "update_group",
+    "check_per_slice",
 ]
 
 
@@ -320,6 +325,25 @@ def init_state(configs, plan: GroupPlan, param_leaves, shardings=None) -> Groupe
 # --------------------------------------------------------------------------- transformation
 
 
+def _updated(configs, plan: GroupPlan) -> list[int]:
+    """Indices of the leaves that a rule updates (not frozen, in a group)."""
+    return [i for g, c in enumerate(configs) if not c.frozen for i in plan.members[g]]
+
+
+def _check_trainable(configs, plan: GroupPlan, leaves, where: str) -> None:
+    """Leaves of groups that a rule updates must be real floating point (frozen / no group: anything)."""
+    idx = _updated(configs, plan)
+    check_trainable([plan.paths[i] for i in idx], [leaves[i] for i in idx], where)
+
+
+def _check_grads(configs, plan: GroupPlan, grad_paths, grad_leaves, param_leaves, where: str) -> None:
+    """At trace time (paths, shapes and dtypes are static): no run-time cost. The gradients of
+    frozen leaves and of leaves in no group are not used, so not checked beyond their paths."""
+    check_grad_paths(grad_paths, plan.paths, where)
+    idx = _updated(configs, plan)
+    check_grads([plan.paths[i] for i in idx], [grad_leaves[i] for i in idx], [param_leaves[i] for i in idx], where)
+
+
 def _flat(tree):
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     return [path_str(kp) for kp, _ in flat], [x for _, x in flat], treedef
@@ -416,6 +440,7 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
     else:
         plan = partition(as_param_tree(params), [s.select for s in specs], names, require_all=require_all)
         _, leaves, _ = _flat(as_param_tree(params))
+        _check_trainable(configs, plan, leaves, "grouped(params)")
         for g, c in enumerate(configs):
             check_per_slice(c, [leaves[i] for i in plan.members[g]], [plan.paths[i] for i in plan.members[g]], f"group {g} ({c.name})")
 
@@ -434,13 +459,15 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
 
     def init_fn(params):
         paths, leaves, _ = _flat(as_param_tree(params))
-        return init_state(configs, plan_for(paths), leaves, shardings)
+        p = plan_for(paths)
+        _check_trainable(configs, p, leaves, "init(params)")
+        return init_state(configs, p, leaves, shardings)
 
     def apply_fn(params, grads, state):
         ppaths, pleaves, ptreedef = _flat(as_param_tree(params))
         gpaths, gleaves, _ = _flat(grads)
         p = plan_for(ppaths)
-        p.check_paths(gpaths, "grads")
+        _check_grads(configs, p, gpaths, gleaves, pleaves, "apply(params, grads, state)")
         new_leaves, new_state = apply_groups(configs, p, state, gleaves, pleaves, shardings)
         return jax.tree_util.tree_unflatten(ptreedef, new_leaves), new_state
 
@@ -449,8 +476,9 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
         if params is None:
             raise ValueError("groupopt transformations need params: call update(grads, state, params)")
         gpaths, gleaves, gtreedef = _flat(updates)
-        _, pleaves, _ = _flat(as_param_tree(params))
-        p = plan_for(gpaths)
+        ppaths, pleaves, _ = _flat(as_param_tree(params))
+        p = plan_for(ppaths)
+        _check_grads(configs, p, gpaths, gleaves, pleaves, "update(grads, state, params)")
         new_leaves, new_state = apply_groups(configs, p, state, gleaves, pleaves, shardings)
         deltas = [n - o for n, o in zip(new_leaves, pleaves)]
         return jax.tree_util.tree_unflatten(gtreedef, deltas), new_state

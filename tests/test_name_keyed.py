@@ -109,10 +109,17 @@ class Net(nnx.Module):
         return self.head(h)
 
 
-def test_nnx_names_learnt_from_grads_and_torch_param_names():
+def test_nnx_names_come_from_the_model_never_from_grads_and_torch_param_names():
     x = jnp.ones((2, 3))
     m = Net(nnx.Rngs(0))
-    opt = optim.AdamW([{"params": m.body}, {"params": m.head, "lr": 0.01}], lr=0.1)
+    # submodules without model=: no root, so no names (torch's positional state_dict), even after a step
+    anonymous = optim.AdamW([{"params": m.body}, {"params": m.head, "lr": 0.01}], lr=0.1)
+    anonymous.step(nnx.grad(lambda m: jnp.sum(m(x) ** 2))(m))
+    assert "param_names" not in anonymous.state_dict()
+    # the model as params, or model=: names are paths from it
+    assert sorted(optim.AdamW(m, lr=0.1).state_dict()["param_names"].values()) == [
+        "body/bias", "body/kernel", "head/bias", "head/kernel"]
+    opt = optim.AdamW([{"params": m.body}, {"params": m.head, "lr": 0.01}], lr=0.1, model=m)
     opt.step(nnx.grad(lambda m: jnp.sum(m(x) ** 2))(m))
     assert sorted(opt.state_dict()["param_names"].values()) == ["body/bias", "body/kernel", "head/bias", "head/kernel"]
     sd = opt.state_dict()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..optimizers.adadelta import AdadeltaRule
 from .optimizer import Optimizer
-from .validation import check_lr, check_nonneg
+from .validation import check_lr, check_nonneg, guarded
 
 __all__ = ["Adadelta"]
 
@@ -35,7 +35,7 @@ class Adadelta(Optimizer):
         model=None,
     ):
         check_lr(lr)
-        if not 0.0 <= rho <= 1.0:
+        if not 0.0 <= guarded(rho) <= 1.0:
             raise ValueError(f"Invalid rho value: {rho}")
         check_nonneg("epsilon", eps)
         check_nonneg("weight_decay", weight_decay)

@@ -64,18 +64,15 @@ class Adagrad(Optimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
-        self._eager: list[bool] = []  # per group: torch holds state for it before its first step
         super().__init__(params, defaults, model=model)
         if fused:
             if differentiable:
                 raise RuntimeError("`fused` does not support `differentiable`")
             if foreach:
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        self._eager = [True] * len(self.param_groups)
-
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        self._eager.append(False)  # torch creates a later group's state lazily
+        for group in self.param_groups:  # torch creates the constructor's state eagerly; it follows each parameter
+            for p in group["params"]:
+                self._records.ensure(p).eager = True
 
     def _host_hparams(self, group, where):
         # torch fills ``sum`` with defaults["initial_accumulator_value"], whatever the group says
@@ -86,15 +83,17 @@ class Adagrad(Optimizer):
 
     def _param_state(self, gi, k):
         entry = super()._param_state(gi, k)
-        if not entry and self._eager[gi]:
+        rec = self._records.get(self.param_groups[gi]["params"][k])
+        if not entry and rec is not None and rec.eager:
             entry = {"step": jnp.zeros((), jnp.float32), "sum": self._groups_state[gi].slots["sum"][k]}
         return entry
 
-    def load_state_dict(self, state_dict: dict, strict: bool = True):
-        report = super().load_state_dict(state_dict, strict)
-        # torch's state is now exactly the saved entries: a group without any starts lazily
-        saved = state_dict["state"]
-        self._eager = [
-            any(idx in saved or str(idx) in saved for idx in g["params"]) for g in state_dict["param_groups"]
-        ]
-        return report
+    def _on_load(self, had_entry):
+        # torch's state is now exactly the saved entries: a parameter without one starts lazily
+        for group in self.param_groups:
+            for p in group["params"]:
+                if had_entry.get(id(p)):
+                    self._records.ensure(p).eager = True
+                elif self._records.get(p) is not None:
+                    self._records.get(p).eager = False
+        self._records.prune()

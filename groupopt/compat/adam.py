@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..optimizers.adam import AdamRule
 from .optimizer import Optimizer
-from .validation import check_lr, check_nonneg, check_betas, check_fused
+from .validation import check_adam_betas, check_betas, check_fused, check_lr, check_nonneg, is_tensor
 
 __all__ = ["Adam", "AdamW"]
 
+_TENSOR_LR_FOREACH = "lr as a Tensor is not supported for capturable=False and foreach=True"
 
-def _validate_adam(lr, betas, eps, weight_decay, foreach, fused, differentiable):
+
+def _validate_adam(lr, betas, eps, weight_decay, foreach, capturable):
+    """torch's constructor checks, in its order; returns ``betas`` as torch stores them (tensors squeezed)."""
+    if is_tensor(lr) and foreach and not capturable:
+        raise ValueError(_TENSOR_LR_FOREACH)
     check_lr(lr)
     check_nonneg("epsilon", eps)
     check_betas(betas)
     check_nonneg("weight_decay", weight_decay)
-    if not (isinstance(betas[0], float) and isinstance(betas[1], float)):
-        raise ValueError("betas must be either both floats or both Tensors")
-    check_fused(fused, foreach, differentiable)
+    return check_adam_betas(betas, foreach, capturable)
 
 
 class Adam(Optimizer):
@@ -47,10 +52,10 @@ class Adam(Optimizer):
         decoupled_weight_decay=False,
         model=None,
     ):
-        _validate_adam(lr, betas, eps, weight_decay, foreach, fused, differentiable)
+        betas = _validate_adam(lr, betas, eps, weight_decay, foreach, capturable)
         defaults = {
             "lr": lr,
-            "betas": tuple(betas),
+            "betas": betas,
             "eps": eps,
             "weight_decay": weight_decay,
             "amsgrad": amsgrad,
@@ -62,6 +67,25 @@ class Adam(Optimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
         }
         super().__init__(params, defaults, model=model)
+        check_fused(fused, foreach, differentiable)  # after the groups, as torch
+
+    def _structure(self):
+        # torch's step with foreach=True and capturable=False refuses a group's tensor lr (RuntimeError,
+        # Adam._init_group) and tensor betas (ValueError, _multi_tensor_adam). A tensor is a size-1 array
+        # here (per-slice vectors are ours). Checked for every group before anything changes (torch
+        # has updated the earlier groups when a later group's betas fail).
+        def tensor(x):
+            return is_tensor(x) and np.size(x) == 1
+
+        for group in self.param_groups:
+            if not group.get("foreach") or group.get("capturable"):
+                continue
+            if tensor(group["lr"]):
+                raise RuntimeError(_TENSOR_LR_FOREACH)
+            for name, beta in zip(("beta1", "beta2"), group.get("betas", ())):
+                if tensor(beta):
+                    raise ValueError(f"{name} as a Tensor is not supported for capturable=False and foreach=True")
+        return super()._structure()
 
 
 class AdamW(Adam):

@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..groups import _is_variable
+from ..groups import is_variable as _is_variable
 from ..optimizers.base import Rule
 from ..optimizers.lbfgs import LBFGSSolver, minimize_flat, state_from_torch, state_to_torch
-from .optimizer import Optimizer, _StateView
+from .optimizer import Optimizer
+from .param_state import StateSnapshot
 
 __all__ = ["LBFGS"]
 
@@ -176,14 +177,29 @@ class LBFGS(Optimizer):
         self._lbfgs_state = new_state
         return loss
 
+    # ------------------------------------------------------------------ checkpoints (export_state / prepare_import)
+
+    def _export_extra(self):
+        return None if self._lbfgs_state is None else state_to_torch(self._lbfgs_state)
+
+    def _import_extra(self, extra):
+        if extra is None:
+            return lambda: setattr(self, "_lbfgs_state", None)
+        group = self.param_groups[0]
+        values = self._binding.get(group["params"])
+        n = sum(math.prod(v.shape) for v in values)
+        solver = self._solver(group, check_line_search=False)
+        new_state = state_from_torch(extra, n, jnp.result_type(*values), solver.history_size, "LBFGS checkpoint")
+        return lambda: setattr(self, "_lbfgs_state", new_state)
+
     # ------------------------------------------------------------------ state
 
     @property
     def state(self):
         """torch's ``optimizer.state``: all LBFGS state lives under the first parameter."""
         if self._lbfgs_state is None:
-            return _StateView([])
-        return _StateView([(self.param_groups[0]["params"][0], state_to_torch(self._lbfgs_state))])
+            return StateSnapshot([])
+        return StateSnapshot([(self.param_groups[0]["params"][0], state_to_torch(self._lbfgs_state))])
 
     def state_dict(self) -> dict:
         """torch's layout: ``{"state": {0: {...}}, "param_groups": [...]}`` (numpy copies, lists for the history)."""

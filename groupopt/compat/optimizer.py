@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 import numbers
+import sys
 import warnings
 from typing import Any, Callable, ClassVar, NamedTuple
 
@@ -31,12 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..groups import GroupPlan, _is_module, _is_variable, ALL
+from ..groups import ALL, GroupPlan, is_module as _is_module, is_variable as _is_variable
 from ..optimizers.base import Rule, hparam_dtype
 from ..sharding import replicated
+from ..grad_checks import check_grads
 from ..transform import GroupConfig, GroupedState, GroupState, check_per_slice, apply_groups, init_group_state
 from . import hooks
 from .validation import check_saved_groups
+from .param_state import ParamRecords, StateMapping, copy_user_value
 from .params import NNXBinding, TreeBinding, TreeParam, is_nnx_state, is_tree, make_binding
 
 __all__ = ["Optimizer", "required", "LoadReport"]
@@ -76,41 +79,6 @@ class LoadReport(NamedTuple):
     mismatched_keys: list
 
 
-class _StateView(dict):
-    """``optimizer.state``: per-parameter state, keyed by the parameter object (by identity)."""
-
-    def __init__(self, entries: list):
-        super().__init__()
-        self._entries = entries  # list of (param, state dict)
-
-    def __getitem__(self, param):
-        for p, s in self._entries:
-            if p is param:
-                return s
-        return {}
-
-    def __contains__(self, param):
-        return any(p is param for p, _ in self._entries)
-
-    def __iter__(self):
-        return (p for p, _ in self._entries)
-
-    def __len__(self):
-        return len(self._entries)
-
-    def keys(self):
-        return [p for p, _ in self._entries]
-
-    def values(self):
-        return [s for _, s in self._entries]
-
-    def items(self):
-        return list(self._entries)
-
-    def __repr__(self):
-        return f"OptimizerState({len(self)} parameters with state)"
-
-
 class Optimizer:
     """Base class of the compat optimizers (``torch.optim.Optimizer``'s API).
 
@@ -143,7 +111,10 @@ class Optimizer:
         self._count = jnp.zeros((), jnp.int32)
         self._rules: list[Rule] = []
         self._step_fns: dict = {}
-        self._members_cache = None
+        self._records = ParamRecords()  # per-parameter records: user keys, detached state, eager flags
+        self._layout: tuple = ()  # per group, the ids of the members the core state is laid out for
+        self._layout_members: list[list] = []
+        self._where: dict[int, tuple[int, int]] = {}  # id(member) -> (group, position)
         self._grad_acc = None
         self._adder = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
         self.num_compiles = 0
@@ -198,6 +169,7 @@ class Optimizer:
         """
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        self._sync_layout()
         params = param_group["params"]
         where = f"param group {len(self.param_groups)}"
         members, names = self._resolve_members(params, where)
@@ -227,8 +199,9 @@ class Optimizer:
         seen = {id(m) for group in self.param_groups for m in group["params"]}
         if any(id(m) in seen for m in members):
             raise ValueError("some parameters appear in more than one parameter group")
-        if not members:
-            raise ValueError(f"{where} selects no parameter")
+        if not members and not isinstance(params, (list, tuple)):
+            # torch accepts an empty group; a selector that matches nothing is most likely a typo
+            warnings.warn(f"{where}: {params!r} selects no parameter; the group is empty", stacklevel=2)
         # validated: build the group's state before touching anything
         candidate = dict(param_group)
         candidate["params"] = members
@@ -239,15 +212,15 @@ class Optimizer:
         rule = self._rule_for(candidate, where)
         hp = self._host_hparams(candidate, where)
         values = self._binding.get(members)
+        self._check_values(members, values, where)
         check_per_slice(GroupConfig(where, rule, self._numbers(candidate, where)), values,
                          [self._binding.name(m) or f"parameter {k}" for k, m in enumerate(members)], where)
-        for k, v in enumerate(values):
-            if getattr(v, "is_deleted", lambda: False)():
-                raise ValueError(
-                    f"{where}: parameter {k} ({self._binding.name(members[k]) or type(members[k]).__name__}) is a deleted array "
-                    "(its buffer was donated to an earlier step): build the optimizer from the current parameters"
-                )
-        gstate = init_group_state(GroupConfig(where, rule, {}), hp, values, self._shardings_for(members, values))
+        # a parameter removed from its group earlier still has its state (torch's state[p]): it resumes
+        carried = [None if (r := self._records.get(m)) is None or r.detached is None else r.detached[1] for m in members]
+        if any(c is not None for c in carried):
+            gstate = self._group_from_members(self._rule_with_state(rule, carried), candidate, values, carried, where)
+        else:
+            gstate = init_group_state(GroupConfig(where, rule, {}), hp, values, self._shardings_for(members, values))
         # commit (the user's dict becomes the group, as in torch)
         if isinstance(self._binding, NNXBinding):
             self._binding.tag(members)
@@ -257,8 +230,105 @@ class Optimizer:
         rep = replicated(values)
         if rep is not None:  # keep the step counter where the jitted step puts it: no retrace
             self._count = jax.device_put(self._count, rep)
-        self._rules.append(rule)
+        self._rules.append(self._rule_with_state(rule, carried))
         self._groups_state.append(gstate)
+        for m in members:
+            rec = self._records.get(m)
+            if rec is not None:  # re-added after removal: torch's state[p] is still there
+                rec.detached = None
+        self._set_layout()
+
+    def _check_values(self, members, values, where: str) -> None:
+        """Parameters must be live floating arrays (torch: only floating tensors can require gradients)."""
+        bad = []
+        for k, (m, v) in enumerate(zip(members, values)):
+            label = self._binding.name(m) or f"parameter {k}"
+            if getattr(v, "is_deleted", lambda: False)():
+                raise ValueError(
+                    f"{where}: parameter {k} ({self._binding.name(m) or type(m).__name__}) is a deleted array "
+                    "(its buffer was donated to an earlier step): build the optimizer from the current parameters"
+                )
+            dt = np.dtype(getattr(v, "dtype", np.float32))
+            if not np.issubdtype(dt, np.floating):
+                bad.append(f"{label!r} ({dt})")
+        if bad:
+            raise ValueError(
+                f"{where}: only floating point parameters can be optimized (torch: only Tensors of floating "
+                f"point dtype can require gradients), got {', '.join(bad)}; leave them out of the optimizer"
+            )
+
+    # ------------------------------------------------------------------ layout (state follows each parameter)
+
+    def _layout_key(self) -> tuple:
+        return tuple(tuple(map(id, g["params"])) for g in self.param_groups)
+
+    def _set_layout(self) -> None:
+        """Record that the core state is now laid out for the current ``param_groups``."""
+        self._layout = self._layout_key()
+        self._layout_members = [list(g["params"]) for g in self.param_groups]
+        self._where = {id(m): (gi, k) for gi, ms in enumerate(self._layout_members) for k, m in enumerate(ms)}
+
+    def _sync_layout(self) -> None:
+        """Follow torch-style edits of ``param_groups``: ``del``/``append``/``insert``/reordering of a
+        group's ``"params"`` list, moving a parameter between groups, deleting a group.
+
+        As in torch, state follows each parameter: a moved parameter keeps its state, a new one starts
+        fresh, and one removed from every group keeps its state aside (re-adding it resumes from it).
+        Costs one recompilation. Everything is checked before anything changes.
+        """
+        key = self._layout_key()
+        if key == self._layout:
+            return
+        seen: dict[int, int] = {}
+        for gi, g in enumerate(self.param_groups):
+            where = f"param group {gi}"
+            for m in g["params"]:
+                self._binding.check_member(m, where)
+                if id(m) in seen:
+                    raise ValueError("some parameters appear in more than one parameter group")
+                seen[id(m)] = gi
+            self._check_values(list(g["params"]), self._binding.get(list(g["params"])), where)
+        old = {}
+        for gi, ms in enumerate(self._layout_members):
+            for k, m in enumerate(ms):
+                old[id(m)] = (self._rules[gi], self._member_state(gi, k))
+        new_rules, new_states = [], []
+        for gi, g in enumerate(self.param_groups):
+            where = f"param group {gi}"
+            members = list(g["params"])
+            states = []
+            for m in members:
+                if id(m) in old:
+                    states.append(old[id(m)][1])
+                else:
+                    rec = self._records.get(m)
+                    states.append(None if rec is None or rec.detached is None else rec.detached[1])
+            rule = self._rule_with_state(self._rule_for(g, where), states)
+            values = self._binding.get(members)
+            new_states.append(self._group_from_members(rule, g, values, states, where))
+            new_rules.append(rule)
+        # commit
+        if isinstance(self._binding, NNXBinding):
+            self._binding.tag([m for g in self.param_groups for m in g["params"]])
+        for ms in self._layout_members:
+            for m in ms:
+                if id(m) not in seen:  # removed from every group: torch keeps state[p] (own buffers: the
+                    rule, (step, scalars, slots) = old[id(m)]  # group's are donated at the next step)
+                    own = (jnp.array(step), {n: jnp.array(v) for n, v in scalars.items()}, slots)
+                    self._records.ensure(m).detached = (rule, own)
+        for g in self.param_groups:
+            for m in g["params"]:
+                rec = self._records.get(m)
+                if rec is not None:
+                    rec.detached = None
+        self._records.prune()
+        self._rules, self._groups_state = new_rules, new_states
+        self._set_layout()
+
+    def _rule_with_state(self, rule: Rule, member_states: list) -> Rule:
+        """Extension point: the rule for a group whose members bring ``member_states`` (SGD keeps a
+        momentum buffer that exists)."""
+        return rule
 
     # ------------------------------------------------------------------ hyperparameters
 
@@ -290,7 +360,7 @@ class Optimizer:
             return arr
         if isinstance(v, bool) or not (isinstance(v, numbers.Real) or (hasattr(v, "shape") and np.size(v) == 1)):
             raise TypeError(f"{where} must be a number or a 1-D per-slice vector, got {v!r}")
-        return float(v)
+        return float(np.asarray(v).reshape(())) if hasattr(v, "shape") else float(v)
 
     def _host_hparams(self, group: dict, where: str) -> dict:
         dt = np.dtype(hparam_dtype())
@@ -302,8 +372,15 @@ class Optimizer:
     # ------------------------------------------------------------------ step
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Forget the gradients summed by :meth:`accumulate_grad` (torch: ``p.grad = None``)."""
-        self._grad_acc = None
+        """Forget the gradients summed by :meth:`accumulate_grad` (torch: ``p.grad = None``).
+
+        ``set_to_none=False`` keeps them as zeros (torch zeroes ``.grad`` in place): the next
+        ``step()`` is then a real step on zero gradients (weight decay and momentum still act).
+        """
+        if set_to_none or self._grad_acc is None:
+            self._grad_acc = None
+        else:
+            self._grad_acc = jax.tree.map(jnp.zeros_like, self._grad_acc)
 
     def accumulate_grad(self, grads) -> None:
         """Add ``grads`` to the pending gradients, as torch's ``backward()`` adds into ``.grad``."""
@@ -330,12 +407,9 @@ class Optimizer:
             self._groups_state[i] = GroupState(gs.step, scalars, slots)
             self._rules[i] = new
 
-    def _members(self):
-        """The flat member list (group order), cached until a group's list changes."""
-        key = tuple((id(g["params"]), len(g["params"])) for g in self.param_groups)
-        if self._members_cache is None or self._members_cache[0] != key:
-            self._members_cache = (key, [m for g in self.param_groups for m in g["params"]])
-        return self._members_cache
+    def _member_labels(self, members) -> list[str]:
+        names = self._flat_names()
+        return [n if n is not None else f"parameter {k}" for k, n in enumerate(names)]
 
     def _step_fn(self, rules, members_key, members):
         """The jitted step for this structure. Gradients are matched to members while tracing, from
@@ -352,6 +426,7 @@ class Optimizer:
         if self._state_sharding is not None:
             shardings = self._shardings_for(members, self._binding.get(members))
         binding = self._binding
+        names = self._member_labels(members)
 
         def step(values, grads, groups_state, count, hparams):
             self.num_compiles += 1  # runs once per trace, i.e. per compilation
@@ -360,6 +435,7 @@ class Optimizer:
             leaves = jax.tree.leaves(grads, is_leaf=_is_variable)
             leaves = [x.get_value() if _is_variable(x) else x for x in leaves]
             sel = [None if i is None else leaves[i] for i in idx]
+            check_grads(names, sel, values, where="step(grads)")
             state = GroupedState(count, hparams, groups_state)
             new_values, new_state = apply_groups(configs, plan, state, sel, values, shardings)
             return new_values, new_state.groups, new_state.count
@@ -375,6 +451,9 @@ class Optimizer:
             (its loss is returned, as in torch), or ``None`` to use the
             gradients gathered by :meth:`accumulate_grad`; with none gathered,
             nothing happens (torch skips parameters whose ``grad`` is None).
+            Gradients are checked before anything changes: each must have its
+            parameter's shape and dtype, and in tree mode every path must be a
+            parameter's.
         """
         self._opt_called = True  # read by the schedulers' order warning
         loss = None
@@ -387,12 +466,16 @@ class Optimizer:
             grads = self._grad_acc
             if grads is None:
                 return loss
+        if not jax.tree.leaves(grads, is_leaf=_is_variable):
+            return loss  # every gradient is None: torch's step does nothing
+        self._sync_layout()
         rules = self._structure()
         hparams = tuple(self._host_hparams(g, f"param group {i}") for i, g in enumerate(self.param_groups))
         self._sync_structure(rules)
-        members_key, members = self._members()
-        fn = self._step_fn(rules, members_key, members)
+        members = [m for ms in self._layout_members for m in ms]
+        fn = self._step_fn(rules, self._layout, members)
         values = self._binding.get(members)
+        self._unshare(values)
         with warnings.catch_warnings():
             # when a group's step count turns per-member (skipped parameters), its old scalar
             # buffers cannot be reused for the new vectors: harmless, not worth a warning
@@ -401,6 +484,19 @@ class Optimizer:
         self._binding.set(members, new_values)
         self._groups_state = list(groups_state)
         return loss
+
+    def _unshare(self, values: list) -> None:
+        """Parameter buffers are donated to the step (no second copy of the model in memory). A buffer
+        that something else also holds -- another parameter (two Variables set from one array), an
+        ``nnx.clone`` of the model (an EMA / teacher copy shares the arrays), the user's own
+        reference -- is copied first, so that holder keeps a valid array and each parameter steps
+        on its own."""
+        seen: set = set()
+        held = self._binding.refs_held
+        for k in range(len(values)):
+            if id(values[k]) in seen or sys.getrefcount(values[k]) > held:
+                values[k] = jnp.copy(values[k])
+            seen.add(id(values[k]))
 
     # ------------------------------------------------------------------ placement
 
@@ -416,6 +512,7 @@ class Optimizer:
         """Place per-parameter state by ``fn(path, param) -> Sharding | None`` (e.g.
         :func:`groupopt.sharding.zero1`), now and after every step; ``None`` restores the default
         (state sharded like its parameter). Costs one recompilation."""
+        self._sync_layout()
         old = self._state_sharding
         self._state_sharding = fn
         try:
@@ -451,9 +548,15 @@ class Optimizer:
         return pick(gs.step), scalars, {n: gs.slots[n][k] for n in gs.slots}
 
     def _param_state(self, gi: int, k: int) -> dict:
-        """torch's per-parameter state dict for member ``k`` of group ``gi`` ({} when torch has none)."""
-        rule = self._rules[gi]
-        step, scalars, slots = self._member_state(gi, k)
+        """torch's per-parameter state dict for member ``k`` of group ``gi`` ({} when torch has none).
+
+        Extension point: a subclass may add entries torch has that the core does not count as
+        state (Adagrad's eager state before the first step)."""
+        return self._entry_from(self._rules[gi], self._member_state(gi, k))
+
+    @staticmethod
+    def _entry_from(rule: Rule, member_state) -> dict:
+        step, scalars, slots = member_state
         entry = rule.torch_scalars(step, scalars)
         if entry is None:
             return {}
@@ -464,7 +567,8 @@ class Optimizer:
     def _group_from_members(self, rule: Rule, group: dict, values: list, members: list, where: str) -> GroupState:
         """A group's core state from per-member ``(step, scalars, slots)`` (None: fresh, torch's lazy state).
 
-        One step count for the group when all members agree, else one per member.
+        One step count for the group when all members agree, else one per member. A slot that a
+        member's state lacks (it comes from a group with other options) starts fresh.
         """
         fresh = init_group_state(GroupConfig(where, rule, {}), self._host_hparams(group, where), values,
                                  self._shardings_for(group["params"], values))
@@ -480,57 +584,128 @@ class Optimizer:
                 continue
             step, sc, sl = m
             steps.append(int(step))
-            scalars.append({**fresh.scalars, **sc})
+            scalars.append({**fresh.scalars, **{n: v for n, v in sc.items() if n in fresh.scalars}})
             for n in slots:
-                slots[n].append(sl[n])
+                slots[n].append(sl[n] if n in sl else fresh.slots[n][k])
         rep = fresh.step.sharding if hasattr(fresh.step, "sharding") else None
         if len(set(steps)) == 1 and all(
             all(np.array_equal(np.asarray(s[n]), np.asarray(scalars[0][n])) for n in s) for s in scalars
         ):
             step = jax.device_put(jnp.asarray(steps[0], jnp.int32), rep)
-            sc = scalars[0]
+            sc = {n: jnp.array(v) for n, v in scalars[0].items()}  # own buffers: members' scalars may be shared
         else:
             step = jax.device_put(jnp.asarray(steps, jnp.int32), rep)
             sc = {n: jnp.stack([jnp.asarray(s[n]) for s in scalars]) for n in fresh.scalars}
         return GroupState(step, sc, {n: tuple(v) for n, v in slots.items()})
 
+    # ------------------------------------------------------------------ optimizer.state (torch's mapping)
+
     @property
-    def state(self):
-        """Per-parameter state, like torch's ``optimizer.state[param]`` (read-only arrays)."""
-        entries = []
-        for gi, group in enumerate(self.param_groups):
-            for k, p in enumerate(group["params"]):
-                s = self._param_state(gi, k)
-                if s:
-                    entries.append((p, s))
-        return _StateView(entries)
+    def state(self) -> StateMapping:
+        """torch's ``optimizer.state``: ``state[p]`` is the parameter's state dict.
+
+        Optimizer keys (``exp_avg``, ``step``, ...) read the current arrays and can be replaced
+        (same shape); any other key is the user's: kept, exported by :meth:`state_dict` and loaded
+        back by :meth:`load_state_dict`, as in torch. ``del state[p]`` resets the parameter's state.
+        """
+        self._sync_layout()
+        return StateMapping(self)
+
+    def _state_params(self) -> list:
+        """Parameters that may have state: the members (group order), then removed ones with state."""
+        out = [m for ms in self._layout_members for m in ms]
+        out += [r.param for r in self._records.records() if id(r.param) not in self._where]
+        return out
+
+    def _torch_entry(self, param) -> dict:
+        self._sync_layout()
+        pos = self._where.get(id(param))
+        if pos is not None and self._layout_members[pos[0]][pos[1]] is param:
+            return self._param_state(*pos)
+        rec = self._records.get(param)
+        if rec is not None and rec.detached is not None:
+            return self._entry_from(*rec.detached)
+        return {}
+
+    def _managed_keys(self, param) -> tuple:
+        pos = self._where.get(id(param))
+        if pos is not None:
+            return self._rules[pos[0]].torch_state_keys()
+        rec = self._records.get(param)
+        return rec.detached[0].torch_state_keys() if rec is not None and rec.detached is not None else ()
+
+    def _set_torch_entry(self, param, key, value) -> None:
+        """``state[p][key] = value`` for an optimizer key: validated like a loaded entry, then applied."""
+        self._sync_layout()
+        pos = self._where.get(id(param))
+        if pos is None:
+            raise KeyError(f"{key!r}: this parameter is in no group of the optimizer; its state cannot be edited")
+        gi, k = pos
+        entry = dict(self._param_state(gi, k))
+        if not entry:
+            raise KeyError(f"{key!r}: the parameter has no optimizer state yet (it is created at its first step)")
+        entry[key] = value
+        rule, group = self._rules[gi], self.param_groups[gi]
+        values = self._binding.get(group["params"])
+        where = f"param group {gi}"
+        member = self._entry_state(rule, entry, values[k], k, where)
+        states = [self._member_state(gi, j) if j != k else member for j in range(len(values))]
+        self._groups_state[gi] = self._group_from_members(rule, group, values, states, where)
+
+    def _reset_param_state(self, param) -> None:
+        """``del optimizer.state[p]``: the parameter starts afresh at its next step (torch re-creates it)."""
+        self._sync_layout()
+        pos = self._where.get(id(param))
+        rec = self._records.get(param)
+        if pos is None and rec is None:
+            raise KeyError(param)
+        if pos is not None:
+            gi, k = pos
+            group = self.param_groups[gi]
+            values = self._binding.get(group["params"])
+            states = [self._member_state(gi, j) if j != k else None for j in range(len(values))]
+            self._groups_state[gi] = self._group_from_members(self._rules[gi], group, values, states, f"param group {gi}")
+        if rec is not None:
+            rec.extra, rec.detached, rec.eager = {}, None, False
+            self._records.prune()
+
+    # ------------------------------------------------------------------ names
 
     def _member_names(self) -> list[list]:
-        """Each member's stable name: torch's ``param_names``, else its path (None when not known yet)."""
+        """Each member's stable name: torch's ``param_names``, else its path from the model (None when
+        unknown: no ``model=`` and parameters given as submodules or Variables). Never from gradients."""
         out = []
         for group in self.param_groups:
-            if "param_names" in group:
+            if "param_names" in group and len(group["param_names"]) == len(group["params"]):
                 out.append(list(group["param_names"]))
             else:
                 out.append([self._binding.name(m) for m in group["params"]])
         return out
 
+    def _flat_names(self) -> list:
+        return [n for names in self._member_names() for n in names]
+
+    # ------------------------------------------------------------------ state_dict
+
     def state_dict(self) -> dict:
         """torch's format: ``{"state": {index: {...}}, "param_groups": [{..., "params": [indices]}]}``,
         plus ``"param_names": {index: name}`` for every parameter whose name is known.
 
-        The arrays are numpy copies (a snapshot; torch returns live tensors). torch's own
-        ``load_state_dict`` ignores the extra key.
+        The arrays are numpy copies (a snapshot; torch returns live tensors). The user's own
+        per-parameter entries (``state[p]["my_key"]``) are included, as in torch. torch's own
+        ``load_state_dict`` ignores the extra ``param_names`` key.
         """
+        self._sync_layout()
         state, groups, names, index = {}, [], {}, 0
         member_names = self._member_names()
         for gi, group in enumerate(self.param_groups):
             packed = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
             ids = []
-            for k in range(len(group["params"])):
-                s = self._param_state(gi, k)
+            for k, m in enumerate(group["params"]):
+                s = {n: np.array(v, copy=True) for n, v in self._param_state(gi, k).items()}
+                s.update({n: copy_user_value(v) for n, v in self._records.extra(m).items() if n not in s})
                 if s:
-                    state[index] = {n: np.array(v, copy=True) for n, v in s.items()}
+                    state[index] = s
                 if member_names[gi][k] is not None:
                     names[index] = member_names[gi][k]
                 ids.append(index)
@@ -604,6 +779,7 @@ class Optimizer:
         """
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from state_dict())")
+        self._sync_layout()
         check_saved_groups(self, state_dict)
         saved_names = self._saved_names(state_dict)
         ours = self._member_names()
@@ -615,7 +791,7 @@ class Optimizer:
         if any(len(g["params"]) != len(s["params"]) for g, s in zip(self.param_groups, saved_groups)):
             raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
         saved_state = state_dict["state"]
-        new_groups, new_rules, new_states = [], [], []
+        new_groups, new_rules, new_states, loaded = [], [], [], {}
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             where = f"param group {gi}"
             merged = self._merged_group(group, saved, where)
@@ -623,12 +799,13 @@ class Optimizer:
             values = self._binding.get(group["params"])
             members = []
             for k, idx in enumerate(saved["params"]):
-                entry = saved_state.get(idx, saved_state.get(str(idx)))
+                entry, extra = self._split_entry(rule, saved_state.get(idx, saved_state.get(str(idx))))
                 members.append(None if not entry else self._entry_state(rule, entry, values[k], idx, where))
+                loaded[id(group["params"][k])] = (entry, extra)
             new_states.append(self._group_from_members(rule, merged, values, members, where))
             new_groups.append(merged)
             new_rules.append(rule)
-        self._commit_groups(new_groups, new_rules, new_states)
+        self._commit_groups(new_groups, new_rules, new_states, loaded)
         return LoadReport([], [], [])
 
     def _load_by_name(self, state_dict, saved_names, ours, strict):
@@ -640,7 +817,7 @@ class Optimizer:
         unexpected = [n for n in index_of if n not in set(flat_ours)]
         same_groups = len(saved_groups) == len(self.param_groups)
         # shape check needs the entries: gather them first
-        mismatched, plan = [], []
+        mismatched, plan, loaded = [], [], {}
         for gi, group in enumerate(self.param_groups):
             saved = saved_groups[gi] if same_groups else {k: v for k, v in group.items()}
             merged = self._merged_group(group, saved, f"param group {gi}")
@@ -649,12 +826,14 @@ class Optimizer:
             members = []
             for k, name in enumerate(ours[gi]):
                 idx = index_of.get(name)
-                entry = None if idx is None else saved_state.get(idx, saved_state.get(str(idx)))
+                entry, extra = self._split_entry(rule, None if idx is None else saved_state.get(idx, saved_state.get(str(idx))))
+                loaded[id(group["params"][k])] = (entry, extra)
                 if entry:
                     shapes = {n: tuple(np.shape(_to_numpy(entry[n]))) for n in rule.slot_names() if n in entry}
                     if any(s != tuple(values[k].shape) for s in shapes.values()):
                         mismatched.append(f"{name}: saved {sorted(set(shapes.values()))[0]}, now {tuple(values[k].shape)}")
                         entry = None
+                        loaded[id(group["params"][k])] = ({}, extra)
                 members.append((entry, idx))
             plan.append((merged, rule, values, members))
         problems = []
@@ -674,21 +853,40 @@ class Optimizer:
         new_groups, new_rules, new_states = [], [], []
         for gi, (merged, rule, values, members) in enumerate(plan):
             where = f"param group {gi}"
-            states = [None if entry is None else self._entry_state(rule, entry, values[k], idx, where)
+            states = [None if not entry else self._entry_state(rule, entry, values[k], idx, where)
                       for k, (entry, idx) in enumerate(members)]
             new_states.append(self._group_from_members(rule, merged, values, states, where))
             new_groups.append(merged)
             new_rules.append(rule)
-        self._commit_groups(new_groups, new_rules, new_states)
+        self._commit_groups(new_groups, new_rules, new_states, loaded)
         return LoadReport(missing, unexpected, mismatched)
 
-    def _commit_groups(self, new_groups, new_rules, new_states):
+    def _split_entry(self, rule: Rule, entry):
+        """A saved per-parameter entry -> (the optimizer's entries, the user's own entries)."""
+        if not entry:
+            return {}, {}
+        keys = set(rule.torch_state_keys())
+        managed = {k: v for k, v in entry.items() if k in keys}
+        extra = {k: copy_user_value(v) for k, v in entry.items() if k not in keys}
+        return managed, extra
+
+    def _commit_groups(self, new_groups, new_rules, new_states, loaded: dict):
         for group, merged in zip(self.param_groups, new_groups):
             if group is not merged:
                 group.clear()
                 group.update(merged)
         self._rules = list(new_rules)
         self._groups_state = list(new_states)
+        for m in (m for g in self.param_groups for m in g["params"]):
+            entry, extra = loaded.get(id(m), ({}, {}))
+            if extra or self._records.get(m) is not None:
+                self._records.ensure(m).extra = dict(extra)
+        self._records.prune()
+        self._on_load({k: bool(e) for k, (e, _) in loaded.items()})
+
+    def _on_load(self, had_entry: dict) -> None:
+        """Extension point, after a load: ``had_entry[id(member)]`` says whether the saved dict held
+        optimizer state for that member (Adagrad: torch's state is then exactly the saved entries)."""
 
     def move_params(self, params, to) -> None:
         """Move parameters to another group, keeping their moments and step counts.
@@ -701,55 +899,138 @@ class Optimizer:
 
             for p in params: src["params"].remove(p); dst["params"].append(p)  # torch keeps state[p]
         """
+        self._sync_layout()
         members, _ = self._resolve_members(params, "move_params")
+        self._check_values(members, self._binding.get(members), "move_params")
         if isinstance(to, dict):
             new_group = {k: v for k, v in to.items() if k != "params"}
             for k, v in self.defaults.items():
                 new_group.setdefault(k, v)
-            dest = len(self.param_groups)
-        else:
-            if not 0 <= to < len(self.param_groups):
-                raise IndexError(f"move_params: group {to} out of range: there are {len(self.param_groups)} groups")
-            dest = to
+        elif not 0 <= to < len(self.param_groups):
+            raise IndexError(f"move_params: group {to} out of range: there are {len(self.param_groups)} groups")
         if any("param_names" in g for g in self.param_groups):
             raise ValueError("move_params: groups with param_names are not supported yet; move by rebuilding the groups")
-        where_of = {}
-        for gi, group in enumerate(self.param_groups):
-            for k, m in enumerate(group["params"]):
-                where_of[id(m)] = (gi, k)
-        carried = {id(m): (where_of.get(id(m)), None if id(m) not in where_of else self._member_state(*where_of[id(m)])) for m in members}
-        groups = [dict(g, params=list(g["params"])) for g in self.param_groups]
-        if dest == len(groups):
-            groups.append(dict(new_group, params=[]))
+        # torch's list surgery, then the same re-layout as any edit of param_groups (state follows each parameter)
+        saved_lists = [g["params"] for g in self.param_groups]
         moved = {id(m) for m in members}
-        states_by_member = {}
-        for gi, g in enumerate(groups):
-            for k, m in enumerate(g["params"]):
-                if gi < len(self.param_groups):
-                    states_by_member[id(m)] = self._member_state(gi, k)
-        for g in groups:
-            g["params"] = [m for m in g["params"] if id(m) not in moved]
-        groups[dest]["params"].extend(members)
-        new_rules, new_states = [], []
-        for gi, g in enumerate(groups):
-            where = f"param group {gi}"
-            rule = self._rule_for(g, where)
-            values = self._binding.get(g["params"])
-            states = [states_by_member.get(id(m)) for m in g["params"]]
-            if gi < len(self._rules) and rule != self._rules[gi]:
-                rule = self._rules[gi]
-            new_states.append(self._group_from_members(rule, g, values, states, where))
-            new_rules.append(rule)
-        if isinstance(self._binding, NNXBinding):
-            self._binding.tag(members)
-        # commit: the user's group dicts keep their identity
-        for gi, g in enumerate(groups):
-            if gi < len(self.param_groups):
-                self.param_groups[gi]["params"] = g["params"]
+        try:
+            for g in self.param_groups:
+                g["params"] = [m for m in g["params"] if id(m) not in moved]
+            if isinstance(to, dict):
+                self.param_groups.append(dict(new_group, params=list(members)))
             else:
-                self.param_groups.append(g)
-        self._rules = new_rules
-        self._groups_state = new_states
+                self.param_groups[to]["params"].extend(members)
+            self._sync_layout()
+        except Exception:
+            if len(self.param_groups) > len(saved_lists):
+                self.param_groups.pop()
+            for g, lst in zip(self.param_groups, saved_lists):
+                g["params"] = lst
+            raise
+
+    # ------------------------------------------------------------------ whole-optimizer export / import
+
+    def export_state(self, include_params: bool = False) -> tuple[dict, dict]:
+        """Everything this optimizer holds, for checkpoints: ``(arrays, meta)``.
+
+        ``arrays`` is a pytree of arrays as they lie (sharded): per group the step count, rule
+        scalars and per-parameter slots, the update counter, the parameters when
+        ``include_params``. ``meta`` holds plain Python values: the class, group sizes, every
+        ``param_groups`` entry but the parameters, and per parameter (flat group order) the user's
+        own entries and flags (:meth:`_export_records`). Subclasses add theirs through
+        :meth:`_export_extra` (LBFGS: its history).
+        """
+        self._sync_layout()
+        groups = [{"step": gs.step, "scalars": dict(gs.scalars), "slots": {n: list(v) for n, v in gs.slots.items()}}
+                  for gs in self._groups_state]
+        arrays = {"count": self._count, "groups": groups}
+        if include_params:
+            arrays["params"] = [self._binding.get(g["params"]) for g in self.param_groups]
+        meta = {
+            "optimizer": type(self).__name__,
+            "sizes": [len(g["params"]) for g in self.param_groups],
+            "param_groups": [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in self.param_groups],
+            "records": self._export_records(),
+            "extra": self._export_extra(),
+        }
+        return arrays, meta
+
+    def _export_records(self) -> list:
+        out = []
+        for m in (m for g in self.param_groups for m in g["params"]):
+            rec = self._records.get(m)
+            out.append(None if rec is None else {"extra": {k: copy_user_value(v) for k, v in rec.extra.items()},
+                                                 "eager": rec.eager})
+        return out
+
+    def _export_extra(self):
+        """Extension point: subclass state outside the groups' arrays, as plain Python values."""
+        return None
+
+    def _import_extra(self, extra) -> Callable[[], None]:
+        """Extension point: validate :meth:`_export_extra`'s value; return the function that applies it."""
+        return lambda: None
+
+    def prepare_import(self, arrays: dict, meta: dict, include_params: bool = False) -> Callable[[], None]:
+        """Check ``(arrays, meta)`` from :meth:`export_state` against this optimizer and return the
+        function that applies it. Nothing changes until that function is called, so a caller
+        restoring several objects (optimizer, scheduler, model) can check them all first.
+
+        Raises ``ValueError`` when the checkpoint is of another optimizer class, other group
+        sizes, or arrays of other shapes.
+        """
+        self._sync_layout()
+        if meta["optimizer"] != type(self).__name__:
+            raise ValueError(f"holds a {meta['optimizer']} optimizer, not a {type(self).__name__}")
+        sizes = [len(g["params"]) for g in self.param_groups]
+        if list(meta["sizes"]) != sizes:
+            raise ValueError(f"has groups of sizes {list(meta['sizes'])}; this optimizer's are {sizes}")
+        like, _ = self.export_state(include_params)
+        ls, ss = jax.tree.structure(like), jax.tree.structure(arrays)
+        if ls != ss:
+            raise ValueError(f"holds state of another structure ({ss}) than this optimizer's ({ls})")
+        for a, b in zip(jax.tree.leaves(like), jax.tree.leaves(arrays)):
+            if tuple(np.shape(a)) != tuple(np.shape(b)):
+                raise ValueError(f"holds an array of shape {tuple(np.shape(b))} where this optimizer has {tuple(np.shape(a))}")
+        groups = [dict(g) for g in meta["param_groups"]]
+        rules = []
+        for gi, (group, saved) in enumerate(zip(self.param_groups, groups)):
+            merged = dict(saved, params=group["params"])
+            rules.append(self._rule_for(merged, f"param group {gi}"))
+            self._host_hparams(merged, f"param group {gi}")
+        records = meta.get("records") or [None] * sum(sizes)
+        if len(records) != sum(sizes):
+            raise ValueError(f"has {len(records)} parameter records for {sum(sizes)} parameters")
+        apply_extra = self._import_extra(meta.get("extra"))
+
+        def commit():
+            self._count = arrays["count"]
+            self._groups_state = [
+                GroupState(g["step"], dict(g["scalars"]), {n: tuple(v) for n, v in g["slots"].items()})
+                for g in arrays["groups"]
+            ]
+            for group, saved in zip(self.param_groups, groups):
+                params = group["params"]
+                group.clear()
+                group.update(saved)
+                group["params"] = params
+            self._rules = rules
+            members = [m for g in self.param_groups for m in g["params"]]
+            for m, r in zip(members, records):
+                rec = self._records.get(m)
+                if r is None:
+                    if rec is not None:
+                        rec.extra, rec.eager = {}, False
+                    continue
+                rec = self._records.ensure(m)
+                rec.extra, rec.eager = dict(r.get("extra", {})), bool(r.get("eager", False))
+            self._records.prune()
+            if include_params:
+                for group, values in zip(self.param_groups, arrays["params"]):
+                    self._binding.set(group["params"], list(values))
+            apply_extra()
+
+        return commit
 
     # ------------------------------------------------------------------ hooks (torch's)
 
@@ -783,6 +1064,7 @@ class Optimizer:
         """A table of the groups: rule, hyperparameters, tensors, element count, bytes, sharding."""
         from ..report import describe_groups
 
+        self._sync_layout()
         entries = []
         for i, group in enumerate(self.param_groups):
             members = group["params"]

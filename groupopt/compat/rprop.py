@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..optimizers.rprop import RpropRule
 from .optimizer import Optimizer
-from .validation import check_lr
+from .validation import check_lr, guarded
 
 __all__ = ["Rprop"]
 
@@ -36,7 +36,7 @@ class Rprop(Optimizer):
         model=None,
     ):
         check_lr(lr)
-        if not 0.0 < etas[0] < 1.0 < etas[1]:
+        if not 0.0 < guarded(etas[0]) < 1.0 < guarded(etas[1]):
             raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
         defaults = {
             "lr": lr,

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..optimizers.sgd import SGDRule
 from .optimizer import Optimizer
-from .validation import check_fused
+from .validation import check_fused, guarded, is_tensor
 
 __all__ = ["SGD"]
 
@@ -39,11 +39,13 @@ class SGD(Optimizer):
         fused=None,
         model=None,
     ):
+        if is_tensor(lr) and np.size(lr) != 1:
+            raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
-        if momentum < 0.0:
+        if guarded(momentum) < 0.0:
             raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
+        if guarded(weight_decay) < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         defaults = {
             "lr": lr,
@@ -56,10 +58,10 @@ class SGD(Optimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
-        if nesterov and (momentum <= 0 or dampening != 0):
+        if nesterov and (momentum <= 0 or guarded(dampening) != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        check_fused(fused, foreach, differentiable)
         super().__init__(params, defaults, model=model)
+        check_fused(fused, foreach, differentiable)  # after the groups, as torch
 
     def _structure(self):
         # torch keeps a momentum buffer once it exists: a momentum edited to 0 bypasses it (the
@@ -72,3 +74,11 @@ class SGD(Optimizer):
                 if has_buffer is not None and bool(np.any(np.asarray(has_buffer))):
                     rules[i] = dataclasses.replace(new, use_momentum=True)
         return rules
+
+    def _rule_with_state(self, rule, member_states):
+        # a parameter that brings a momentum buffer keeps it, whatever the group's momentum is now
+        if not rule.use_momentum and any(
+            s is not None and bool(np.any(np.asarray(s[1].get("has_buffer", False)))) for s in member_states
+        ):
+            return dataclasses.replace(rule, use_momentum=True)
+        return rule

@@ -20,11 +20,17 @@ advanced ``last_epoch`` and may have written the first groups' lrs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import types
 import warnings
+import weakref
 from collections import Counter
 from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from ... import schedules
 from ..optimizer import Optimizer
@@ -54,6 +60,66 @@ EPOCH_DEPRECATION_WARNING = (
 
 
 # ------------------------------------------------------------------ helpers
+
+OVERRIDDEN_STEP_WARNING = (
+    "Seems like `optimizer.step()` has been overridden after learning rate scheduler "
+    "initialization. Please, make sure to call `optimizer.step()` before "
+    "`lr_scheduler.step()`. See more details at "
+    "https://pytorch.org/docs/stable/optim.html#how-to-adjust-learning-rate"
+)
+
+
+def _copy_val(value):
+    """torch's ``.clone()`` of a tensor hyperparameter: a NumPy array is copied (JAX arrays are immutable)."""
+    return value.copy() if isinstance(value, np.ndarray) else value
+
+
+def _param_groups_val_list(optimizer: Optimizer, key: str) -> list:
+    """``group[key]`` of every group, arrays copied (torch's ``_param_groups_val_list``: no aliasing)."""
+    return [_copy_val(group[key]) for group in optimizer.param_groups]
+
+
+def _update_param_group_val(group: dict, key: str, value) -> None:
+    """torch's ``_update_param_group_val``: a tensor ``group[key]`` keeps its type, shape and dtype.
+
+    torch fills a tensor lr in place (``fill_``), so the new value is rounded
+    to its dtype. JAX arrays are immutable, so an array ``group[key]`` (JAX or
+    NumPy, one element) is replaced by an array of the same kind, shape and
+    dtype holding ``value`` (torch's aliasing of one lr tensor shared by
+    several groups is not reproduced). Anything else, and per-slice vectors
+    (several elements: ours, torch has none), is assigned as before.
+    """
+    old = group[key]
+    if isinstance(old, (np.ndarray, jax.Array)) and np.size(old) == 1 and np.size(value) == 1:
+        if isinstance(old, np.ndarray):
+            group[key] = np.full_like(old, np.asarray(value).reshape(()))
+        else:
+            group[key] = jnp.full_like(old, jnp.reshape(jnp.asarray(value), ()))
+    else:
+        group[key] = value
+
+
+def _patch_track_step_called(scheduler: "LRScheduler", opt: Optimizer) -> None:
+    """torch's ``patch_track_step_called``: ``opt.step`` becomes a marked wrapper that sets ``opt._opt_called``.
+
+    The mark is how ``step()`` tells that ``optimizer.step`` was replaced after
+    the scheduler was built (torch's warning). As in torch, the wrapper is an
+    attribute of the instance, calls the class's ``step`` (with its hooks), and
+    holds the optimizer by a weak reference.
+    """
+    if hasattr(opt.step, "_wrapped_by_lr_sched"):
+        return  # already patched
+    opt_ref = weakref.ref(scheduler.optimizer)
+    func = opt.step.__func__
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        o = opt_ref()
+        o._opt_called = True
+        return func.__get__(o, o.__class__)(*args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True
+    opt.step = wrapper
 
 
 def _warn_get_lr_called_within_step(scheduler: "LRScheduler") -> None:
@@ -123,7 +189,7 @@ class LRScheduler:
         with _atomic(self, optimizer):
             if last_epoch == -1:
                 for group in optimizer.param_groups:
-                    group.setdefault("initial_lr", group["lr"])
+                    group.setdefault("initial_lr", _copy_val(group["lr"]))
             else:
                 for i, group in enumerate(optimizer.param_groups):
                     if "initial_lr" not in group:
@@ -133,8 +199,9 @@ class LRScheduler:
                             "1. You're trying to resume training from a checkpoint but haven't properly loaded the optimizer state\n"
                             "2. You're using last_epoch >= 0 for a fresh training run (not recommended)"
                         )
-            self.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+            self.base_lrs = _param_groups_val_list(optimizer, "initial_lr")
             self.last_epoch = last_epoch
+            _patch_track_step_called(self, optimizer)
             self._initial_step()
 
     def _initial_step(self) -> None:
@@ -154,7 +221,9 @@ class LRScheduler:
 
     def step(self, epoch: int | None = None) -> None:
         with _atomic(self):
-            if self._step_count == 1 and not getattr(self.optimizer, "_opt_called", False):
+            if self._step_count == 1 and not hasattr(self.optimizer.step, "_wrapped_by_lr_sched"):
+                warnings.warn(OVERRIDDEN_STEP_WARNING, UserWarning, stacklevel=2)
+            elif self._step_count == 1 and not getattr(self.optimizer, "_opt_called", False):
                 warnings.warn(
                     "Detected call of `lr_scheduler.step()` before `optimizer.step()`. "
                     "In PyTorch 1.1.0 and later, you should call them in the opposite order: "
@@ -187,8 +256,8 @@ class LRScheduler:
         # torch writes inside zip(strict=True); check the lengths (same error) before writing anything
         pairs = list(zip(self.optimizer.param_groups, values, strict=True))
         for group, lr in pairs:
-            group["lr"] = lr
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            _update_param_group_val(group, "lr", lr)
+        self._last_lr = _param_groups_val_list(self.optimizer, "lr")
 
     def _current_lrs(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]

@@ -12,7 +12,7 @@ from bisect import bisect_right
 from typing import Any, Sequence
 
 from ..optimizer import Optimizer
-from .base import LRScheduler, _atomic
+from .base import LRScheduler, _atomic, _param_groups_val_list, _update_param_group_val
 
 __all__ = ["SequentialLR", "ChainedScheduler"]
 
@@ -47,6 +47,11 @@ def _children_state(self) -> dict[str, Any]:
 def _load_children_state(self, state_dict: dict[str, Any]) -> None:
     state_dict = dict(state_dict)
     children = state_dict.pop("_schedulers")
+    if len(children) != len(self._schedulers):  # checked before anything changes
+        raise ValueError(
+            f"{type(self).__name__}.load_state_dict: the state holds {len(children)} child schedulers, "
+            f"this scheduler has {len(self._schedulers)}"
+        )
     self.__dict__.update(state_dict)
     for idx, s in enumerate(children):
         self._schedulers[idx].load_state_dict(s)
@@ -79,7 +84,7 @@ class SequentialLR(LRScheduler):
         self.optimizer = optimizer
         with _atomic(self, optimizer):
             for group in self.optimizer.param_groups:
-                group["lr"] = group["initial_lr"]
+                _update_param_group_val(group, "lr", group["initial_lr"])
             self.recursive_undo()
             idx = bisect_right(self._milestones, 0)
             self._schedulers[idx]._initial_step()
@@ -127,13 +132,13 @@ class ChainedScheduler(LRScheduler):
         _check_children(kind, optimizer, schedulers)
         self._schedulers = schedulers
         self.optimizer = optimizer
-        self._last_lr = [group["lr"] for group in self._schedulers[-1].optimizer.param_groups]
+        self._last_lr = _param_groups_val_list(self._schedulers[-1].optimizer, "lr")
 
     def step(self) -> None:  # type: ignore[override]
         with _atomic(self):
             for scheduler in self._schedulers:
                 scheduler.step()
-            self._last_lr = [group["lr"] for group in self._schedulers[-1].optimizer.param_groups]
+            self._last_lr = _param_groups_val_list(self._schedulers[-1].optimizer, "lr")
 
     def state_dict(self) -> dict[str, Any]:
         """Own attributes (but the optimizer) and ``_schedulers``: the children's state dicts."""

@@ -30,7 +30,7 @@ from ...schedules.cyclic import (
     one_cycle_value,
 )
 from ..optimizer import Optimizer
-from .base import LRScheduler, _atomic, _warn_get_lr_called_within_step
+from .base import LRScheduler, _atomic, _update_param_group_val, _warn_get_lr_called_within_step
 
 __all__ = ["CyclicLR", "OneCycleLR"]
 
@@ -110,7 +110,7 @@ class CyclicLR(LRScheduler):
             self.optimizer = optimizer
             if last_epoch == -1:
                 for lr, group in zip(base_lrs, optimizer.param_groups, strict=True):
-                    group["lr"] = lr
+                    _update_param_group_val(group, "lr", lr)
             self.max_lrs = max_lrs
             self.total_size = total_size
             self.step_ratio = step_ratio

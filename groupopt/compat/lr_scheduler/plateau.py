@@ -11,11 +11,21 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import jax
+import numpy as np
+
 from ...plateau import PlateauState, mode_worse, plateau_check, plateau_decide, plateau_is_better, plateau_reduce_lr
 from ..optimizer import Optimizer
-from .base import EPOCH_DEPRECATION_WARNING, LRScheduler
+from .base import EPOCH_DEPRECATION_WARNING, LRScheduler, _param_groups_val_list, _update_param_group_val
 
 __all__ = ["ReduceLROnPlateau"]
+
+
+def _to_float(lr) -> float:
+    """torch's ``float(group["lr"])``, which also takes a one-element tensor of any shape."""
+    if isinstance(lr, (np.ndarray, jax.Array)) and np.size(lr) == 1:
+        return float(np.asarray(lr).reshape(()))
+    return float(lr)
 
 
 class ReduceLROnPlateau(LRScheduler):
@@ -65,7 +75,7 @@ class ReduceLROnPlateau(LRScheduler):
         self.cooldown = cooldown
         self.eps = eps
         self.last_epoch = 0
-        self._last_lr = self._current_lrs()
+        self._last_lr = _param_groups_val_list(optimizer, "lr")
         self._init_is_better(mode=mode, threshold=threshold, threshold_mode=threshold_mode)
         self._reset()
 
@@ -124,11 +134,12 @@ class ReduceLROnPlateau(LRScheduler):
         if reduce:
             self.min_lrs = min_lrs
             for i, group in enumerate(groups):
-                old_lr = float(group["lr"])
+                old_lr = _to_float(group["lr"])
                 new_lr = plateau_reduce_lr(old_lr, self.factor, min_lrs[i], self.eps)
                 if new_lr != old_lr:
-                    group["lr"] = new_lr
-        self._last_lr = self._current_lrs()
+                    # torch: fill_ an lr tensor in place; an array lr keeps its type, shape and dtype
+                    _update_param_group_val(group, "lr", new_lr)
+        self._last_lr = _param_groups_val_list(self.optimizer, "lr")
 
     def get_lr(self) -> list[float]:
         raise NotImplementedError("ReduceLROnPlateau has no get_lr(): step(metrics) decides; use get_last_lr()")
