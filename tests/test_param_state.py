@@ -108,7 +108,7 @@ EDIT = st.tuples(st.sampled_from(["del", "append", "insert", "reorder", "move"])
 
 
 @pytest.mark.parametrize("kind", ["adam", "sgd"])
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(edits=st.lists(st.tuples(st.integers(0, 2), EDIT), min_size=1, max_size=3))
 def test_param_group_list_edits_follow_each_parameter_like_torch(compile_cache, kind, edits):
     """del / append / insert / reorder / move between groups by list edits, between steps: state
