@@ -55,6 +55,7 @@ class AdamRule(Rule):
             coef["decay"] = 1 - lr * wd
         else:
             coef["wd"] = wd
+            coef["has_wd"] = wd != 0
         return coef, scalars
 
     def apply(self, grad, p, slots, c):
@@ -62,7 +63,7 @@ class AdamRule(Rule):
         if self.decoupled_weight_decay:
             p = p * c["decay"]
         else:
-            g = g + c["wd"] * p
+            g = jnp.where(c["has_wd"], g + c["wd"] * p, g)  # torch: `if weight_decay != 0` (0 * inf is NaN)
         m = lerp(slots["exp_avg"], g, c["one_minus_b1"])
         v = slots["exp_avg_sq"] * c["b2"] + c["one_minus_b2"] * g * g
         new = {"exp_avg": m, "exp_avg_sq": v}

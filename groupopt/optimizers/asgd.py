@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..transform import grouped
-from .base import Rule, stored
+from .base import Rule, hparam_dtype, stored, torch_scalar
 
 __all__ = ["ASGDRule", "asgd"]
 
@@ -29,7 +29,8 @@ class ASGDRule(Rule):
 
     :math:`a` is ``ax`` (the averaged parameters). The scalars ``eta``
     (initially the lr of the first step) and ``mu`` (initially 1) are computed
-    in the hyperparameter dtype and stored as float32, as torch stores them.
+    in the hyperparameter dtype and stored in it, as torch stores them in its
+    default dtype (float64 under x64, like torch with a float64 default dtype).
     torch keeps them per parameter; groupopt keeps one of each per group (one
     per member when the members' step counts differ, see
     :class:`groupopt.GroupState`).
@@ -47,16 +48,17 @@ class ASGDRule(Rule):
         # eta is (re)filled from the lr of the first step in ``prepare``, as torch creates it lazily.
         # shaped like their updates below (per-slice hyperparameters give one per slice)
         eta_shape = jnp.broadcast_shapes(*(jnp.shape(hparams[k]) for k in ("lr", "lambd", "alpha")))
-        eta = jnp.broadcast_to(jnp.asarray(hparams["lr"]).astype(jnp.float32), eta_shape)
-        return {"eta": eta, "mu": jnp.ones(jnp.shape(hparams["t0"]), jnp.float32)}
+        dt = hparam_dtype()
+        eta = jnp.broadcast_to(jnp.asarray(hparams["lr"]).astype(dt), eta_shape)
+        return {"eta": eta, "mu": jnp.ones(jnp.shape(hparams["t0"]), dt)}
 
     def torch_scalars(self, step, scalars):
         if int(step) == 0:
             return None
         return {
-            "step": jnp.asarray(step, jnp.float32),
-            "eta": jnp.asarray(scalars["eta"], jnp.float32),
-            "mu": jnp.asarray(scalars["mu"], jnp.float32),
+            "step": torch_scalar(step),
+            "eta": torch_scalar(scalars["eta"]),
+            "mu": torch_scalar(scalars["mu"]),
         }
 
     def from_torch_scalars(self, entry):
@@ -66,7 +68,7 @@ class ASGDRule(Rule):
             if a.size != 1:
                 raise ValueError(f"ASGD state {k!r} must be a scalar, got shape {a.shape}")
             # a copy: the entry may share memory with a live torch tensor that torch keeps updating in place
-            out[k] = jnp.array(np.array(a, np.float32).reshape(()))
+            out[k] = jnp.array(np.array(a, np.float64).reshape(()), hparam_dtype())
         return int(float(entry["step"])), out
 
     def torch_state_keys(self):
@@ -74,8 +76,8 @@ class ASGDRule(Rule):
 
     def prepare(self, hp, step, scalars):
         lr, lambd, alpha, t0 = hp["lr"], hp["lambd"], hp["alpha"], hp["t0"]
-        dt = step.dtype
-        eta = jnp.where(step == 1, lr.astype(jnp.float32), scalars["eta"]).astype(dt)  # eta.item()
+        dt, sdt = step.dtype, scalars["eta"].dtype  # sdt: the stored dtype (torch's default dtype)
+        eta = jnp.where(step == 1, lr.astype(sdt), scalars["eta"]).astype(dt)  # eta.item()
         mu = scalars["mu"].astype(dt)  # mu.item()
         coef = {
             "wd": hp["weight_decay"],
@@ -86,8 +88,8 @@ class ASGDRule(Rule):
             "average": mu != 1,
         }
         new = {
-            "eta": (lr / ((1 + lambd * lr * step) ** alpha)).astype(jnp.float32),
-            "mu": (1 / jnp.maximum(1, step - t0)).astype(jnp.float32),
+            "eta": (lr / ((1 + lambd * lr * step) ** alpha)).astype(sdt),
+            "mu": (1 / jnp.maximum(1, step - t0)).astype(scalars["mu"].dtype),
         }
         return coef, new
 

@@ -20,12 +20,14 @@ recompiles. A rule is applied in two stages:
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["Rule", "hparam_dtype", "lerp", "stored"]
+__all__ = ["Rule", "hparam_dtype", "lerp", "sign", "stored", "torch_scalar", "torch_scalar_dtype"]
 
 
 def hparam_dtype():
@@ -33,9 +35,37 @@ def hparam_dtype():
     return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
 
 
+def torch_scalar_dtype():
+    """The dtype torch gives its scalar state (``step``, NAdam's ``mu_product``, ASGD's ``eta``/``mu``):
+    torch's ``_get_scalar_dtype()``, float64 when torch is loaded with a float64 default dtype,
+    else float32 (torch's default). Used for torch-format exports only.
+
+    Internally these scalars live in the hyperparameter dtype (:func:`hparam_dtype`): float64
+    under x64, JAX's analogue of ``torch.set_default_dtype(torch.float64)``.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_default_dtype() == torch.float64:
+        return np.float64
+    return np.float32
+
+
+def torch_scalar(x):
+    """``x`` as a 0-d (or per-slice 1-d) array of :func:`torch_scalar_dtype` (numpy when float64
+    is not available to JAX)."""
+    dt = torch_scalar_dtype()
+    if dt == np.float64 and not jax.config.jax_enable_x64:
+        return np.asarray(x, np.float64)
+    return jnp.asarray(x, dt)
+
+
 def lerp(start, end, weight):
     """``torch.lerp`` with a scalar weight, using torch's two-branch formula."""
     return jnp.where(jnp.abs(weight) < 0.5, start + weight * (end - start), end - (end - start) * (1 - weight))
+
+
+def sign(x):
+    """``torch.sign``: like ``jnp.sign`` except that ``sign(NaN)`` is 0 (torch's CPU kernel), not NaN."""
+    return jnp.where(jnp.isnan(x), jnp.zeros_like(x), jnp.sign(x))
 
 
 def stored(x, guard):
@@ -88,7 +118,7 @@ class Rule:
         """torch's per-parameter scalar entries (``step``, ...), or None where torch has no state yet."""
         if int(step) == 0:
             return None
-        return {"step": jnp.asarray(step, jnp.float32)} if self.counts_steps() else {}
+        return {"step": torch_scalar(step)} if self.counts_steps() else {}
 
     def from_torch_scalars(self, entry: dict) -> tuple[int, dict]:
         """Inverse of :meth:`torch_scalars`: ``(step, scalars)`` from one saved per-parameter entry."""

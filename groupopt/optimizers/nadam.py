@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..transform import grouped
-from .base import Rule, lerp, stored
+from .base import Rule, hparam_dtype, lerp, stored, torch_scalar
 
 __all__ = ["NAdamRule", "nadam"]
 
@@ -30,10 +30,12 @@ class NAdamRule(Rule):
         p &\leftarrow p - \frac{\eta (1 - \mu_t)}{1 - \Pi} \frac{g}{d}
              - \frac{\eta \mu_{t+1}}{1 - \Pi \mu_{t+1}} \frac{m}{d}
 
-    The momentum product :math:`\Pi` (``mu_product``, initially 1) is a
-    float32 scalar, as torch stores it: ``Pi * mu_t`` is computed in float32
-    (``mu_t`` rounded to float32), and the coefficients then use that float32
-    value in the hyperparameter dtype, like torch's ``mu_product.item()``.
+    The momentum product :math:`\Pi` (``mu_product``, initially 1) is a scalar
+    in the hyperparameter dtype, as torch stores it in its default dtype: float64
+    under x64 (torch with a float64 default dtype), else float32, where
+    ``Pi * mu_t`` is computed in float32 (``mu_t`` rounded to float32) and the
+    coefficients then use that value in the hyperparameter dtype, like torch's
+    ``mu_product.item()``.
     torch keeps one ``mu_product`` per parameter; groupopt keeps one per group
     (one per member when the members' step counts differ, see
     :class:`groupopt.GroupState`).
@@ -57,19 +59,19 @@ class NAdamRule(Rule):
     def init_scalars(self, hparams):
         # shaped like mu_t: per-slice (1-D) betas / momentum_decay give one product per slice
         shape = jnp.broadcast_shapes(jnp.shape(hparams["betas"][0]), jnp.shape(hparams["momentum_decay"]))
-        return {"mu_product": jnp.ones(shape, jnp.float32)}
+        return {"mu_product": jnp.ones(shape, hparam_dtype())}
 
     def torch_scalars(self, step, scalars):
         if int(step) == 0:
             return None
-        return {"step": jnp.asarray(step, jnp.float32), "mu_product": jnp.asarray(scalars["mu_product"], jnp.float32)}
+        return {"step": torch_scalar(step), "mu_product": torch_scalar(scalars["mu_product"])}
 
     def from_torch_scalars(self, entry):
         mp = np.asarray(entry["mu_product"])
         if mp.size != 1:
             raise ValueError(f"NAdam state 'mu_product' must be a scalar, got shape {mp.shape}")
         # a copy: the entry may share memory with a live torch tensor that torch keeps updating in place
-        return int(float(entry["step"])), {"mu_product": jnp.array(np.array(mp, np.float32).reshape(()))}
+        return int(float(entry["step"])), {"mu_product": jnp.array(np.array(mp, np.float64).reshape(()), hparam_dtype())}
 
     def torch_state_keys(self):
         return ("step", "mu_product") + self.slot_names()
@@ -79,8 +81,8 @@ class NAdamRule(Rule):
         bc2 = 1 - b2**step
         mu = b1 * (1.0 - 0.5 * (0.96 ** (step * psi)))
         mu_next = b1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * psi)))
-        # torch: mu_product (float32 0-d tensor) *= mu (a Python float, rounded to float32)
-        mu_product = scalars["mu_product"] * mu.astype(jnp.float32)
+        # torch: mu_product (0-d tensor of the default dtype) *= mu (a Python float, rounded to that dtype)
+        mu_product = scalars["mu_product"] * mu.astype(scalars["mu_product"].dtype)
         mp = mu_product.astype(step.dtype)  # mu_product.item()
         mu_product_next = mp * mu_next
         coef = {

@@ -8,7 +8,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 
 from ..transform import grouped
-from .base import Rule
+from .base import Rule, sign
 
 __all__ = ["RpropRule", "rprop"]
 
@@ -59,14 +59,14 @@ class RpropRule(Rule):
 
     def apply(self, grad, p, slots, c):
         g = -grad if self.maximize else grad
-        f = jnp.sign(g * slots["prev"])
+        f = sign(g * slots["prev"])  # torch.sign: NaN -> 0 (and so a factor of 1)
         f = jnp.where(f > 0, c["eta_plus"], f)
         f = jnp.where(f < 0, c["eta_minus"], f)
         f = jnp.where(f == 0, jnp.ones_like(f), f)
         size = jnp.where(c["first"], jnp.full_like(p, c["lr"]), slots["step_size"])
         size = jnp.minimum(jnp.maximum(size * f, c["lo"]), c["hi"])
         g = jnp.where(f == c["eta_minus"], jnp.zeros_like(g), g)
-        return p - jnp.sign(g) * size, {"prev": g, "step_size": size}
+        return p - sign(g) * size, {"prev": g, "step_size": size}
 
 
 def rprop(lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), *, maximize=False, params=None, groups=None):

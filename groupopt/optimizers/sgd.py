@@ -8,7 +8,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 import numpy as np
 
-from .base import Rule
+from .base import Rule, stored
 
 __all__ = ["SGDRule"]
 
@@ -68,27 +68,35 @@ class SGDRule(Rule):
         coef = {
             "neg_lr": -hp["lr"],
             "wd": hp["weight_decay"],
+            "has_wd": hp["weight_decay"] != 0,
             "momentum": hp["momentum"],
         }
         if self.use_momentum:
             # torch: `if momentum != 0` -- a zero momentum (edited mid-run) bypasses the buffer and
             # leaves it as it is; it is created by the first step with a nonzero momentum (buf = g).
-            # All three cases become coefficients of one expression (exact: x*1 + 0*y == x, x*0 + 1*y == y):
-            #   buf' = buf*keep + take*g      d = on*buf' + (1 - on)*g
+            # The new buffer is buf*keep + take*g: (momentum, 1 - dampening) once it exists, (0, 1)
+            # before (exact: the buffer is still 0 then, and 0*0 + 1*g == g, infinities included).
             has, on = scalars["has_buffer"], hp["momentum"] != 0
-            one, zero = jnp.ones_like(hp["momentum"]), jnp.zeros_like(hp["momentum"])
-            coef["keep"] = jnp.where(on, jnp.where(has, hp["momentum"], zero), one)
-            coef["take"] = jnp.where(on, jnp.where(has, 1 - hp["dampening"], one), zero)
-            coef["on"] = jnp.where(on, one, zero)
-            coef["off"] = 1 - coef["on"]
+            coef["keep"] = jnp.where(has, hp["momentum"], jnp.zeros_like(hp["momentum"]))
+            coef["take"] = jnp.where(has, 1 - hp["dampening"], jnp.ones_like(hp["momentum"]))
+            coef["on"] = on
             scalars = {"has_buffer": has | jnp.any(on)}
         return coef, scalars
 
     def apply(self, grad, p, slots, c):
+        # Disabled terms are selected away, never multiplied by 0: 0 * inf is NaN where torch
+        # (`if weight_decay != 0`, `if momentum != 0`) keeps +-inf.
         g = -grad if self.maximize else grad
-        g = g + c["wd"] * p
+        g = jnp.where(c["has_wd"], g + c["wd"] * p, g)
         if self.use_momentum:
-            buf = slots["momentum_buffer"] * c["keep"] + c["take"] * g
-            g = g + c["momentum"] * buf if self.nesterov else c["on"] * buf + c["off"] * g
+            old = slots["momentum_buffer"]
+            # torch: buf.mul_(momentum).add_(g, alpha=1 - dampening): the product is rounded first
+            buf = jnp.where(c["on"], stored(old * c["keep"], grad) + c["take"] * g, old)
+            if self.nesterov:
+                g = jnp.where(c["on"], g + c["momentum"] * buf, g)
+            else:
+                # where(on, buf, g), written as a sum of two selects (exact: x + -0.0 == x) because
+                # XLA:CPU then fuses the update into one loop per output, as for the buffer alone.
+                g = jnp.where(c["on"], buf, -0.0) + jnp.where(c["on"], -0.0, g)
             slots = {"momentum_buffer": buf}
         return p + c["neg_lr"] * g, slots
