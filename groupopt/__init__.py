@@ -23,9 +23,9 @@ from .plateau import reduce_on_plateau
 from .report import report
 from .slices import freeze_first, layerwise_decay
 from .groups import ALL, GroupPlan, partition, rest
-from .optimizers.adam import AdamRule, AdamWRule
+from .optimizers.adam import AdamRule, AdamWRule, adam, adamw
 from .optimizers.base import Rule
-from .optimizers.sgd import SGDRule
+from .optimizers.sgd import SGDRule, sgd
 from .optimizers.rmsprop import RMSpropRule, rmsprop
 from .optimizers.adagrad import AdagradRule, adagrad
 from .optimizers.adadelta import AdadeltaRule, adadelta
@@ -38,34 +38,6 @@ from .optimizers.lbfgs import LBFGSSolver, lbfgs
 from .transform import Group, GroupConfig, GroupedState, GroupedTransformation, GroupState, group, grouped
 
 __version__ = "0.1.0"
-
-
-def sgd(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *, maximize=False, params=None, groups=None):
-    r"""torch.optim.SGD as an Optax transformation (see :class:`SGDRule` for the update).
-
-    Without ``params``/``groups`` it updates every leaf as one group; with them,
-    each group may override any argument (numbers or schedules).
-    """
-    return grouped(
-        params, groups, rule=SGDRule(nesterov=nesterov, maximize=maximize),
-        lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-    )
-
-
-def adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *, maximize=False, params=None, groups=None):
-    r"""torch.optim.Adam (coupled L2 weight decay) as an Optax transformation (see :class:`AdamRule`)."""
-    return grouped(
-        params, groups, rule=AdamRule(amsgrad=amsgrad, maximize=maximize),
-        lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-    )
-
-
-def adamw(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *, maximize=False, params=None, groups=None):
-    r"""torch.optim.AdamW (decoupled weight decay ``p *= 1 - lr*wd``) as an Optax transformation (see :class:`AdamRule`)."""
-    return grouped(
-        params, groups, rule=AdamWRule(amsgrad=amsgrad, maximize=maximize),
-        lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-    )
 
 
 __all__ = [

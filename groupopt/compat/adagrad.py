@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
 from ..optimizers.adagrad import AdagradRule
+from ..optimizers.base import torch_scalar
 from .optimizer import Optimizer
 from .validation import check_lr, check_nonneg
 
@@ -85,7 +85,7 @@ class Adagrad(Optimizer):
         entry = super()._param_state(gi, k)
         rec = self._records.get(self.param_groups[gi]["params"][k])
         if not entry and rec is not None and rec.eager:
-            entry = {"step": jnp.zeros((), jnp.float32), "sum": self._groups_state[gi].slots["sum"][k]}
+            entry = {"step": torch_scalar(0.0), "sum": self._groups_state[gi].slots["sum"][k]}
         return entry
 
     def _on_load(self, had_entry):

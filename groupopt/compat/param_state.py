@@ -7,7 +7,7 @@ users may store their own entries (``state[p]["my_key"] = v``), which
 ``state_dict()`` exports and ``load_state_dict`` loads back.
 
 Here the arrays of the members of each group live in the core's per-group
-state (:class:`groupopt.transform.GroupState`: what the jitted step reads and
+state (:class:`groupopt.engine.GroupState`: what the jitted step reads and
 writes). :class:`ParamRecords` is the one owner of everything else that
 belongs to a parameter, keyed by the parameter object's identity:
 
@@ -29,6 +29,7 @@ import copy
 from collections.abc import MutableMapping
 from typing import Any
 
+import jax
 import numpy as np
 
 __all__ = ["Record", "ParamRecords", "StateMapping", "ParamStateView", "StateSnapshot"]
@@ -107,7 +108,9 @@ class ParamStateView(MutableMapping):
     def __getitem__(self, key):
         managed = self._managed()
         if key in managed:
-            return managed[key]
+            # a copy: the live array is donated to the next step, this one stays valid
+            v = managed[key]
+            return jax.device_put(v, v.sharding, may_alias=False) if isinstance(v, jax.Array) else v
         return self._opt._records.extra(self._param)[key]
 
     def __setitem__(self, key, value):

@@ -33,7 +33,8 @@ def _map_arrays(obj, fn):
 
 
 def to_torch(state_dict: dict) -> dict:
-    """Our ``state_dict()`` with every array in ``state`` as a torch tensor (``step``: float32 0-d).
+    """Our ``state_dict()`` with every array in ``state`` as a torch tensor (``step``: a 0-d tensor of
+    torch's scalar dtype, its default dtype, as torch's own optimizers create it).
 
     Arrays inside lists (LBFGS's ``old_dirs``, ``ro``, ...) are converted too;
     Python numbers and ``None`` stay as they are, as torch keeps them.
@@ -51,7 +52,7 @@ def to_torch(state_dict: dict) -> dict:
         for k, v in entry.items():
             t = _map_arrays(v, conv)  # lists too (LBFGS's history), None kept
             if k == "step" and isinstance(t, torch.Tensor):
-                t = t.to(torch.float32)
+                t = t.to(torch.get_default_dtype())
             out[k] = t
         state[idx] = out
     return {"state": state, "param_groups": copy.deepcopy(state_dict["param_groups"])}

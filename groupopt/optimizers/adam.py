@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from .base import Rule, lerp
 
-__all__ = ["AdamRule", "AdamWRule"]
+__all__ = ["AdamRule", "AdamWRule", "adam", "adamw"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,3 +82,23 @@ class AdamWRule(AdamRule):
 
     name: ClassVar[str] = "AdamW"
     hyperparams: ClassVar[dict] = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
+
+
+def adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *, maximize=False, params=None, groups=None):
+    r"""torch.optim.Adam (coupled L2 weight decay) as an Optax transformation (see :class:`AdamRule`)."""
+    from ..transform import grouped
+
+    return grouped(
+        params, groups, rule=AdamRule(amsgrad=amsgrad, maximize=maximize),
+        lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+    )
+
+
+def adamw(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *, maximize=False, params=None, groups=None):
+    r"""torch.optim.AdamW (decoupled weight decay ``p *= 1 - lr*wd``) as an Optax transformation (see :class:`AdamRule`)."""
+    from ..transform import grouped
+
+    return grouped(
+        params, groups, rule=AdamWRule(amsgrad=amsgrad, maximize=maximize),
+        lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+    )

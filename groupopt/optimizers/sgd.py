@@ -10,7 +10,7 @@ import numpy as np
 
 from .base import Rule, stored
 
-__all__ = ["SGDRule"]
+__all__ = ["SGDRule", "sgd"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,3 +100,17 @@ class SGDRule(Rule):
                 g = jnp.where(c["on"], buf, -0.0) + jnp.where(c["on"], -0.0, g)
             slots = {"momentum_buffer": buf}
         return p + c["neg_lr"] * g, slots
+
+
+def sgd(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *, maximize=False, params=None, groups=None):
+    r"""torch.optim.SGD as an Optax transformation (see :class:`SGDRule` for the update).
+
+    Without ``params``/``groups`` it updates every leaf as one group; with them,
+    each group may override any argument (numbers or schedules).
+    """
+    from ..transform import grouped
+
+    return grouped(
+        params, groups, rule=SGDRule(nesterov=nesterov, maximize=maximize),
+        lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+    )
