@@ -2,17 +2,24 @@
 
 This machine's run-to-run noise is ±20 %; timing the implementations in
 alternation (compat step, core step, optax step, plain optax step, torch fused step,
-floor step, then the next round, its order rotated by one) exposes all of them to the
-same noise, so their ratios are meaningful. torch's OpenMP workers are told to sleep
+floor step; each round in a new random order) exposes all of them to the same noise,
+so their ratios are meaningful. torch's OpenMP workers are told to sleep
 when idle (``OMP_WAIT_POLICY=PASSIVE`` unless set): spinning, they slowed whichever
 implementation ran next. ``floor`` is the hand-written lean per-leaf AdamW of
 :mod:`benchmarks.floor` (hyperparameters baked in as constants; ``floor_array``,
-with ``--floor-array``: the same with them passed as scalar arrays, as groupopt does).
+with ``--floor-array``: the same with them passed as scalar arrays, as groupopt does;
+``floor_tree``, with ``--floor-tree``: params and grads as nested dicts, as groupopt gets them).
 Prints one JSON object: per implementation the median and minimum, and per
 implementation the median of its per-round ratio to the core (``groupopt``) and to
 the ``floor``.
 
-    .venv/bin/python benchmarks/paired.py [--workload adamw_2001] [--rounds 60] [--quick] [--floor-array]
+Which implementation is built first matters by itself: on ``adamw_2001`` two builds
+of the very same core step (each compiled, with its own buffers) differed by 6-9 %
+here, the first built being the fast one. Run each workload with ``--reverse`` as
+well and take both runs' ratios (their geometric mean) before reading a few percent
+into them.
+
+    .venv/bin/python benchmarks/paired.py [--workload adamw_2001] [--rounds 60] [--quick] [--floor-array] [--floor-tree] [--order A,B,..] [--reverse]
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import random
 import os
 import statistics
 import sys
@@ -50,70 +58,97 @@ def jitted(tx_update):
     return jax.jit(step, donate_argnums=(0, 2))
 
 
+IMPLS = ("groupopt_compat", "groupopt", "optax", "optax_plain", "torch_fused", "floor")
+
+
+def builders(w, grads, fresh, floor_array: bool = False, floor_tree: bool = False) -> dict:
+    """Per implementation, a function that builds it (its params, state and step) and returns ``step()``."""
+
+    def boxed(apply, params, state, g=grads):
+        box = [params, state]
+
+        def run():
+            box[0], box[1] = apply(box[0], g, box[1])
+            return box[0]
+
+        return run
+
+    def compat():
+        opt = optim.AdamW([{"params": list(g.paths), **g.hparams} for g in w.groups], model=fresh())
+
+        def run():
+            opt.step(grads)
+            return opt._binding.leaves
+
+        run.opt = opt
+        return run
+
+    def core():
+        p = fresh()
+        tx = groupopt.grouped(p, [groupopt.group(list(g.paths), **g.hparams) for g in w.groups], rule=groupopt.AdamWRule)
+        return boxed(jax.jit(tx.apply, donate_argnums=(0, 2)), p, tx.init(p))
+
+    def optax_grouped():
+        p = fresh()
+        labels = nest({path: w.groups[i].name for path, i in sorted(w.group_of().items())})
+        mt = optax.multi_transform({g.name: _optax_group(g) for g in w.groups}, labels)
+        return boxed(jitted(mt.update), p, mt.init(p))
+
+    def optax_plain():
+        p = fresh()
+        g0 = w.groups[0].hparams
+        plain = optax.adamw(g0["lr"], b1=g0["betas"][0], b2=g0["betas"][1], eps=g0["eps"], weight_decay=g0["weight_decay"])
+        return boxed(jitted(plain.update), p, plain.init(p))
+
+    def torch_fused():
+        import torch
+
+        tparams = {k: torch.tensor(v, requires_grad=True) for k, v in w.params.items()}
+        for k, v in w.grads.items():
+            tparams[k].grad = torch.tensor(v)
+        topt = torch.optim.AdamW([{"params": [tparams[p] for p in g.paths], **g.hparams} for g in w.groups], fused=True)
+        return lambda: topt.step()
+
+    def floor(mode, tree=False):
+        def build_floor():
+            fl = FloorAdamW(w, mode, tree)
+            p = fl.leaves(w.params)
+            return boxed(fl.jitted(), p, fl.init(p), fl.leaves(w.grads))
+
+        return build_floor
+
+    out = {"groupopt_compat": compat, "groupopt": core, "optax": optax_grouped, "optax_plain": optax_plain,
+           "torch_fused": torch_fused, "floor": floor("const")}
+    if floor_array:
+        out["floor_array"] = floor("array")
+    if floor_tree:
+        out["floor_tree"] = floor("const", tree=True)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--workload", default="adamw_2001")
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--floor-array", action="store_true", help="also time the floor with hyperparameters as arrays")
+    ap.add_argument("--floor-tree", action="store_true", help="also time the floor taking nested dicts (as groupopt does)")
+    ap.add_argument("--order", help=f"comma-separated: the order in which the implementations are built (default {','.join(IMPLS)}); "
+                    "also their order within a round")
+    ap.add_argument("--reverse", action="store_true", help="build (and time) them in the reverse of that order")
     args = ap.parse_args(argv)
     w = build(args.workload, quick=args.quick)
     fresh = lambda: nest({k: jnp.asarray(v) for k, v in w.params.items()})  # noqa: E731
     grads = nest({k: jnp.asarray(v) for k, v in w.grads.items()})
-    steps = {}
-
-    opt = optim.AdamW([{"params": list(g.paths), **g.hparams} for g in w.groups], model=fresh())
-
-    def compat():
-        opt.step(grads)
-        return opt._binding.leaves
-
-    steps["groupopt_compat"] = compat
-
-    def boxed(apply, params, state):
-        box = [params, state]
-
-        def run():
-            box[0], box[1] = apply(box[0], grads, box[1])
-            return box[0]
-
-        return run
-
-    p = fresh()
-    tx = groupopt.grouped(p, [groupopt.group(list(g.paths), **g.hparams) for g in w.groups], rule=groupopt.AdamWRule)
-    steps["groupopt"] = boxed(jax.jit(tx.apply, donate_argnums=(0, 2)), p, tx.init(p))
-
-    p = fresh()
-    labels = nest({path: w.groups[i].name for path, i in sorted(w.group_of().items())})
-    mt = optax.multi_transform({g.name: _optax_group(g) for g in w.groups}, labels)
-    steps["optax"] = boxed(jitted(mt.update), p, mt.init(p))
-
-    p = fresh()
-    g0 = w.groups[0].hparams
-    plain = optax.adamw(g0["lr"], b1=g0["betas"][0], b2=g0["betas"][1], eps=g0["eps"], weight_decay=g0["weight_decay"])
-    steps["optax_plain"] = boxed(jitted(plain.update), p, plain.init(p))
-
+    make = builders(w, grads, fresh, args.floor_array, args.floor_tree)
+    order = args.order.split(",") if args.order else list(make)
+    for must in ("groupopt", "floor"):
+        if must not in order:
+            order.append(must)
+    if args.reverse:
+        order = order[::-1]
+    steps = {name: make[name]() for name in order}
     import torch
-
-    tparams = {k: torch.tensor(v, requires_grad=True) for k, v in w.params.items()}
-    for k, v in w.grads.items():
-        tparams[k].grad = torch.tensor(v)
-    topt = torch.optim.AdamW(
-        [{"params": [tparams[p] for p in g.paths], **g.hparams} for g in w.groups], fused=True
-    )
-    steps["torch_fused"] = lambda: topt.step()
-
-    for mode in ("const", "array") if args.floor_array else ("const",):
-        fl = FloorAdamW(w, mode)
-        p = fl.leaves(w.params)
-        flat_grads = fl.leaves(w.grads)
-        box = [p, fl.init(p)]
-
-        def run(apply=fl.jitted(), box=box, flat_grads=flat_grads):
-            box[0], box[1] = apply(box[0], flat_grads, box[1])
-            return box[0]
-
-        steps["floor" if mode == "const" else "floor_array"] = run
 
     for _ in range(3):
         for fn in steps.values():
@@ -122,17 +157,18 @@ def main(argv=None):
     gc.collect()
     gc.disable()  # no collection inside a timed step (as in timing.time_steps)
     try:
-        names = list(steps)
-        for r in range(args.rounds):
-            # rotate the order each round: no implementation always runs right after the same one
-            for name in names[r % len(names):] + names[: r % len(names)]:
+        rng = random.Random(0)
+        for _ in range(args.rounds):
+            names = list(steps)
+            rng.shuffle(names)  # a new order each round: nobody always runs first, or after the same one
+            for name in names:
                 fn = steps[name]
                 t = time.perf_counter()
                 jax.block_until_ready(fn())
                 times[name].append(time.perf_counter() - t)
     finally:
         gc.enable()
-    res = {"workload": w.name, "rounds": args.rounds, "device": jax.devices()[0].device_kind,
+    res = {"workload": w.name, "rounds": args.rounds, "device": jax.devices()[0].device_kind, "order": order,
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch_threads": torch.get_num_threads()}
     for name, ts in times.items():
         res[name] = {
@@ -141,7 +177,8 @@ def main(argv=None):
             "median_ratio_to_groupopt": statistics.median(a / b for a, b in zip(ts, times["groupopt"])),
             "median_ratio_to_floor": statistics.median(a / b for a, b in zip(ts, times["floor"])),
         }
-    res["groupopt_compat"]["compiles"] = opt.num_compiles
+    if "groupopt_compat" in steps:
+        res["groupopt_compat"]["compiles"] = steps["groupopt_compat"].opt.num_compiles
     print(json.dumps(res, indent=2))
 
 
