@@ -101,9 +101,10 @@ def check_grad_paths(paths: Sequence[str], known: Sequence[str], where: str = "s
     raise ValueError(f"{where}: the gradient tree has the parameters' paths in a different order")
 
 
-def check_trainable(names: Sequence[str], params: Sequence, where: str = "grouped(params)") -> None:
+def check_trainable(names: Sequence[str], params: Sequence, where: str = "grouped(params)",
+                    hint: str = "put them in a frozen group (groupopt.group(..., frozen=True)) or in no group") -> None:
     """Parameters updated by a rule must be real floating point (torch: only floating tensors
-    can require gradients). One error names every int/bool/complex leaf and suggests a frozen group."""
+    can require gradients). One error names every int/bool/complex leaf, with ``hint``."""
     bad = []
     for name, p in zip(names, params):
         _, dt, _ = _aval(p)
@@ -111,6 +112,5 @@ def check_trainable(names: Sequence[str], params: Sequence, where: str = "groupe
             bad.append(f"{name!r} ({dt})")
     if bad:
         raise ValueError(
-            f"{where}: only real floating point leaves can be optimized, got {', '.join(bad)}; "
-            "put them in a frozen group (groupopt.group(..., frozen=True)) or in no group"
+            f"{where}: only real floating point leaves can be optimized, got {', '.join(bad)}; {hint}"
         )

@@ -76,20 +76,28 @@ def path_str(keypath) -> str:
     return "/".join(parts)
 
 
+def _nnx_classes():
+    """``(nnx.Variable, nnx.Module)``, imported once (these checks run over every leaf of a tree)."""
+    global _NNX
+    if _NNX is None:
+        try:
+            from flax import nnx
+        except ImportError:  # pragma: no cover - flax is a dependency
+            _NNX = (type(None), type(None))
+        else:
+            _NNX = (nnx.Variable, nnx.Module)
+    return _NNX
+
+
+_NNX = None
+
+
 def _is_variable(x) -> bool:
-    try:
-        from flax import nnx
-    except ImportError:  # pragma: no cover - flax is a dependency
-        return False
-    return isinstance(x, nnx.Variable)
+    return x is not None and isinstance(x, _nnx_classes()[0])
 
 
 def _is_module(x) -> bool:
-    try:
-        from flax import nnx
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(x, nnx.Module)
+    return x is not None and isinstance(x, _nnx_classes()[1])
 
 
 def as_param_tree(params):

@@ -226,11 +226,8 @@ def test_adam_betas_rules_and_storage():
         ("RAdam", {}, ()),
     ],
 )
-def test_steps_with_array_betas_match_torch_with_tensor_betas(name, kw, shape, request):
-    # x64 (on in the tests) is JAX's analogue of torch's float64 default dtype: NAdam's
-    # mu_product is then float64 on both sides (torch's _get_scalar_dtype())
-    request.addfinalizer(lambda before=torch.get_default_dtype(): torch.set_default_dtype(before))
-    torch.set_default_dtype(F64)
+def test_steps_with_array_betas_match_torch_with_tensor_betas(name, kw, shape, torch_float64_default):
+    # NAdam's mu_product is float64 on both sides (see the fixture)
     rng = np.random.default_rng(3)
     p0 = rng.standard_normal((4, 3))
     b1, b2 = 0.8, 0.95  # not the defaults: the step must use them

@@ -12,28 +12,11 @@ import torch
 import jax.numpy as jnp
 
 from conformance import TABLE
-
-NAMES = ["a", "b", "c", "d"]
-SHAPES = {"a": (3,), "b": (2, 2), "c": (4,), "d": (1, 3)}
+from param_edits import NAMES, compare_with_torch, grads_at, init_params, step_both
 
 
-@pytest.fixture(autouse=True)
-def torch_float64_default():
-    """x64 (on in the tests) is JAX's analogue of torch's float64 default dtype (scalar state dtype)."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
 
-
-def _init(seed=0):
-    rng = np.random.default_rng(seed)
-    return {k: rng.standard_normal(SHAPES[k]) for k in NAMES}
-
-
-def _grads(step):
-    rng = np.random.default_rng(100 + step)
-    return {k: rng.standard_normal(SHAPES[k]) for k in NAMES}
+pytestmark = pytest.mark.usefixtures("torch_float64_default")
 
 
 def _groups(row):
@@ -53,29 +36,11 @@ def _pair(row, init):
     return tp, topt, opt, ours
 
 
-def _step(tp, topt, opt, t):
-    g = _grads(t)
-    for k in NAMES:
-        tp[k].grad = torch.tensor(g[k])
-    topt.step()
-    opt.step({k: jnp.asarray(v) for k, v in g.items()})
-
-
-def _compare(tp, topt, opt, ours, tol=1e-12):
-    for k in NAMES:
-        np.testing.assert_allclose(np.asarray(opt.params[k]), tp[k].detach().numpy(), rtol=tol, atol=tol, err_msg=k)
-        tstate, ostate = topt.state.get(tp[k], {}), opt.state[ours[k]]
-        assert set(tstate) == set(ostate), (k, sorted(tstate), sorted(ostate))
-        for key, v in tstate.items():
-            np.testing.assert_allclose(np.asarray(ostate[key], np.float64), torch.as_tensor(v).double().numpy(),
-                                       rtol=tol, atol=tol, err_msg=f"{k}/{key}")
-
-
 @pytest.mark.parametrize("name", list(TABLE))
 def test_state_follows_each_parameter_through_list_edits_like_torch(name):
     row = TABLE[name]
-    tp, topt, opt, ours = _pair(row, _init())
-    _step(tp, topt, opt, 0)
+    tp, topt, opt, ours = _pair(row, init_params())
+    step_both(tp, topt, opt, 0)
     def move(gs, aside):  # a parameter from group 0 to group 1
         gs[1]["params"].append(gs[0]["params"].pop(0))
 
@@ -92,22 +57,22 @@ def test_state_follows_each_parameter_through_list_edits_like_torch(name):
     for t, edit in enumerate((move, reorder, remove, re_add), start=1):
         edit(topt.param_groups, aside_t)
         edit(opt.param_groups, aside_o)
-        _step(tp, topt, opt, t)
-    _compare(tp, topt, opt, ours)
+        step_both(tp, topt, opt, t)
+    compare_with_torch(tp, topt, opt, ours)
     assert opt.num_compiles == 5  # one per structure
 
 
 @pytest.mark.parametrize("name", list(TABLE))
 def test_user_state_entries_survive_state_dict_both_ways(name):
     row = TABLE[name]
-    tp, topt, opt, ours = _pair(row, _init())
-    _step(tp, topt, opt, 0)
+    tp, topt, opt, ours = _pair(row, init_params())
+    step_both(tp, topt, opt, 0)
     opt.state[ours["c"]]["mine"] = 7
     topt.state[tp["c"]]["mine"] = 7
     osd, tsd = opt.state_dict(), topt.state_dict()
     assert osd["state"][2]["mine"] == tsd["state"][2]["mine"] == 7
     assert list(osd["state"][2]) == list(tsd["state"][2])
-    tp2, topt2, opt2, ours2 = _pair(row, _init(1))
+    tp2, topt2, opt2, ours2 = _pair(row, init_params(1))
     opt2.load_state_dict(tsd)
     topt2.load_state_dict({"state": {i: {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in e.items()}
                                      for i, e in osd["state"].items()}, "param_groups": osd["param_groups"]})
@@ -117,14 +82,14 @@ def test_user_state_entries_survive_state_dict_both_ways(name):
 @pytest.mark.parametrize("name", list(TABLE))
 def test_export_then_import_continues_bit_exactly(name):
     row = TABLE[name]
-    init = _init()
+    init = init_params()
     _, _, opt, ours = _pair(row, init)
-    g = {k: jnp.asarray(v) for k, v in _grads(0).items()}
+    g = {k: jnp.asarray(v) for k, v in grads_at(0).items()}
     opt.step(g)
     opt.state[ours["a"]]["note"] = "kept"
     arrays, meta = opt.export_state(include_params=True)
     arrays = {k: v for k, v in arrays.items()}
-    _, _, fresh, fresh_ours = _pair(row, _init(5))
+    _, _, fresh, fresh_ours = _pair(row, init_params(5))
     before = fresh.state_dict()
     commit = fresh.prepare_import(arrays, meta, include_params=True)
     after = fresh.state_dict()  # nothing applied before commit
@@ -134,7 +99,7 @@ def test_export_then_import_continues_bit_exactly(name):
         for k in before["state"][i]:
             np.testing.assert_array_equal(np.asarray(before["state"][i][k]), np.asarray(after["state"][i][k]))
     commit()
-    g1 = {k: jnp.asarray(v) for k, v in _grads(1).items()}
+    g1 = {k: jnp.asarray(v) for k, v in grads_at(1).items()}
     opt.step(g1)
     fresh.step(g1)
     for k in NAMES:
@@ -145,10 +110,10 @@ def test_export_then_import_continues_bit_exactly(name):
 @pytest.mark.parametrize("name", list(TABLE))
 def test_wrong_gradients_raise_before_any_change(name):
     row = TABLE[name]
-    init = _init()
+    init = init_params()
     _, _, opt, _ = _pair(row, init)
     _, _, twin, _ = _pair(row, init)
-    g = {k: jnp.asarray(v) for k, v in _grads(0).items()}
+    g = {k: jnp.asarray(v) for k, v in grads_at(0).items()}
     for bad in (dict(g, a=jnp.ones((3, 3))), dict(g, a=jnp.ones(3, jnp.int32)), dict(g, aa=g["a"])):
         with pytest.raises(ValueError, match="'a"):
             opt.step(bad)

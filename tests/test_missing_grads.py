@@ -23,16 +23,6 @@ CASES = [
 ]
 
 
-@pytest.fixture
-def torch_float64_default():
-    """x64 (on in the tests) is JAX's analogue of torch's float64 default dtype: with it, scalar
-    state such as NAdam's mu_product is float64 on both sides (torch's _get_scalar_dtype())."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
 
 
 @pytest.mark.parametrize("ours_cls,torch_cls,kw", CASES, ids=[c[0].__name__ for c in CASES])

@@ -98,16 +98,6 @@ def run_both(name, dtype):
     return problems
 
 
-@pytest.fixture
-def torch_float64_default():
-    """x64 (on in the tests) is JAX's analogue of torch's float64 default dtype, which decides the
-    dtype of torch's scalar state (NAdam's mu_product, ASGD's eta/mu): match it."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["fp64", "fp32"])

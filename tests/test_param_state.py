@@ -15,19 +15,8 @@ from flax import nnx
 
 import groupopt.compat as optim
 from groupopt.checkpoint import Checkpointer
+from param_edits import NAMES, compare_with_torch, grads_at, init_params, step_both
 
-NAMES = ["a", "b", "c", "d"]
-SHAPES = {"a": (3,), "b": (2, 2), "c": (4,), "d": (1, 3)}
-
-
-def _init(seed=0):
-    rng = np.random.default_rng(seed)
-    return {k: rng.standard_normal(SHAPES[k]) for k in NAMES}
-
-
-def _grads(step):
-    rng = np.random.default_rng(100 + step)
-    return {k: rng.standard_normal(SHAPES[k]) for k in NAMES}
 
 
 def _pair(kind, init, split=2):
@@ -39,14 +28,6 @@ def _pair(kind, init, split=2):
     opt = cls_o([{"params": NAMES[:split]}, {"params": NAMES[split:], "lr": 0.02}], model={k: jnp.asarray(v) for k, v in init.items()}, **kw)
     ours = {m.path: m for g in opt.param_groups for m in g["params"]}
     return tp, topt, opt, ours
-
-
-def _step_both(tp, topt, opt, step):
-    g = _grads(step)
-    for k in NAMES:
-        tp[k].grad = torch.tensor(g[k])
-    topt.step()
-    opt.step({k: jnp.asarray(v) for k, v in g.items()})
 
 
 def _apply_edit(edit, topt, tp, opt, ours):
@@ -80,16 +61,6 @@ def _apply_edit(edit, topt, tp, opt, ours):
         og[dst]["params"].append(ol.pop(k))
 
 
-def _compare(tp, topt, opt, ours, tol=1e-12):
-    for k in NAMES:
-        np.testing.assert_allclose(np.asarray(opt.params[k]), tp[k].detach().numpy(), rtol=tol, atol=tol, err_msg=k)
-    for k in NAMES:
-        tstate, ostate = topt.state.get(tp[k], {}), opt.state[ours[k]]
-        assert set(tstate) == set(ostate), (k, set(tstate), set(ostate))
-        for key in tstate:
-            np.testing.assert_allclose(np.asarray(ostate[key]), tstate[key].detach().numpy(), rtol=tol, atol=tol, err_msg=f"{k}/{key}")
-
-
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
     """Each random edit sequence builds fresh optimizers whose layouts recur: a persistent
@@ -113,57 +84,57 @@ EDIT = st.tuples(st.sampled_from(["del", "append", "insert", "reorder", "move"])
 def test_param_group_list_edits_follow_each_parameter_like_torch(compile_cache, kind, edits):
     """del / append / insert / reorder / move between groups by list edits, between steps: state
     follows each tensor, a newly appended one starts fresh, a removed one keeps its state (torch)."""
-    tp, topt, opt, ours = _pair(kind, _init())
-    _step_both(tp, topt, opt, 0)
+    tp, topt, opt, ours = _pair(kind, init_params())
+    step_both(tp, topt, opt, 0)
     step = 1
     for n_steps, edit in edits:
         _apply_edit(edit, topt, tp, opt, ours)
         for _ in range(n_steps):
-            _step_both(tp, topt, opt, step)
+            step_both(tp, topt, opt, step)
             step += 1
-    _step_both(tp, topt, opt, step)
-    _compare(tp, topt, opt, ours)
+    step_both(tp, topt, opt, step)
+    compare_with_torch(tp, topt, opt, ours)
 
 
 def test_list_edit_costs_one_recompile_and_reverting_costs_none():
-    tp, topt, opt, ours = _pair("adam", _init())
-    _step_both(tp, topt, opt, 0)
+    tp, topt, opt, ours = _pair("adam", init_params())
+    step_both(tp, topt, opt, 0)
     assert opt.num_compiles == 1
     moved = opt.param_groups[0]["params"].pop()
     opt.param_groups[1]["params"].append(moved)
     tg = topt.param_groups
     tg[1]["params"].append(tg[0]["params"].pop())
-    _step_both(tp, topt, opt, 1)
+    step_both(tp, topt, opt, 1)
     assert opt.num_compiles == 2
-    _step_both(tp, topt, opt, 2)
+    step_both(tp, topt, opt, 2)
     assert opt.num_compiles == 2
-    _compare(tp, topt, opt, ours)
+    compare_with_torch(tp, topt, opt, ours)
 
 
 def test_user_state_entries_are_kept_exported_and_loaded_like_torch():
-    tp, topt, opt, ours = _pair("adam", _init())
-    _step_both(tp, topt, opt, 0)
+    tp, topt, opt, ours = _pair("adam", init_params())
+    step_both(tp, topt, opt, 0)
     topt.state[tp["a"]]["my_key"] = 5
     topt.state[tp["c"]]["ema"] = torch.tensor([1.0, 2.0])
     opt.state[ours["a"]]["my_key"] = 5
     opt.state[ours["c"]]["ema"] = jnp.asarray([1.0, 2.0])
-    _step_both(tp, topt, opt, 1)
+    step_both(tp, topt, opt, 1)
     assert opt.state[ours["a"]]["my_key"] == 5 and "my_key" in dict(opt.state[ours["a"]])
     tsd, osd = topt.state_dict(), opt.state_dict()
     assert tsd["state"][0]["my_key"] == osd["state"][0]["my_key"] == 5
     np.testing.assert_array_equal(osd["state"][2]["ema"], tsd["state"][2]["ema"].numpy())
     assert list(tsd["state"][0]) == list(osd["state"][0])  # torch's key order: its own keys, then the user's
     # loaded back, both ways
-    _, _, opt2, ours2 = _pair("adam", _init(1))
+    _, _, opt2, ours2 = _pair("adam", init_params(1))
     opt2.load_state_dict(tsd)
     assert opt2.state[ours2["a"]]["my_key"] == 5
     np.testing.assert_array_equal(np.asarray(opt2.state[ours2["c"]]["ema"]), [1.0, 2.0])
-    _, topt3, _, _ = _pair("adam", _init(1))
+    _, topt3, _, _ = _pair("adam", init_params(1))
     topt3.load_state_dict({"state": {k: {n: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for n, v in e.items()}
                                      for k, e in osd["state"].items()}, "param_groups": osd["param_groups"]})
     assert topt3.state_dict()["state"][0]["my_key"] == 5
     # a user key on a parameter without optimizer state (before its first step)
-    _, _, fresh, ours4 = _pair("adam", _init())
+    _, _, fresh, ours4 = _pair("adam", init_params())
     fresh.state[ours4["b"]]["note"] = "x"
     assert fresh.state_dict()["state"] == {1: {"note": "x"}}
     # optimizer keys can be replaced (shape checked), not deleted
@@ -176,12 +147,12 @@ def test_user_state_entries_are_kept_exported_and_loaded_like_torch():
 
 
 def test_del_state_resets_a_parameter_like_torch():
-    tp, topt, opt, ours = _pair("adam", _init())
-    _step_both(tp, topt, opt, 0)
+    tp, topt, opt, ours = _pair("adam", init_params())
+    step_both(tp, topt, opt, 0)
     del topt.state[tp["b"]]
     del opt.state[ours["b"]]
-    _step_both(tp, topt, opt, 1)
-    _compare(tp, topt, opt, ours)
+    step_both(tp, topt, opt, 1)
+    compare_with_torch(tp, topt, opt, ours)
 
 
 # --------------------------------------------------------------------------- NNX: names and identity
@@ -271,10 +242,10 @@ def test_mean_teacher_clone_made_after_the_optimizer_trains_the_student_like_tor
 
 
 def test_wrong_shape_or_dtype_gradients_raise_before_any_change_in_every_mode():
-    init = _init()
+    init = init_params()
     opt = optim.Adam({k: jnp.asarray(v) for k, v in init.items()}, lr=0.1)
     twin = optim.Adam({k: jnp.asarray(v) for k, v in init.items()}, lr=0.1)
-    good = {k: jnp.asarray(v) for k, v in _grads(0).items()}
+    good = {k: jnp.asarray(v) for k, v in grads_at(0).items()}
     for bad_value, match in [(jnp.ones((3, 3)), r"'a'.*\(3, 3\)"), (jnp.ones(()), r"'a'.*\(\)"),
                              (jnp.ones(3, jnp.int32), "int32"), (jnp.ones(3, jnp.complex64), "complex64"),
                              (jnp.ones(3, jnp.float32), "float32")]:
@@ -306,7 +277,7 @@ def test_non_floating_parameters_are_refused_at_construction():
 
 
 def test_empty_groups_all_none_grads_and_zeroed_grads_like_torch():
-    init = _init()
+    init = init_params()
     # an empty group (an HF-style "no decay" split on a model without biases) is accepted, as in torch
     tp = {k: torch.tensor(init[k], requires_grad=True) for k in NAMES}
     topt = torch.optim.AdamW([{"params": [tp[k] for k in NAMES]}, {"params": [], "weight_decay": 0.0}], lr=0.1)
@@ -318,7 +289,7 @@ def test_empty_groups_all_none_grads_and_zeroed_grads_like_torch():
     topt.step()
     assert opt.state_dict()["state"] == {} and topt.state_dict()["state"] == {}
     # zero_grad(set_to_none=False) then step(): a real step on zero gradients (weight decay acts)
-    g = _grads(0)
+    g = grads_at(0)
     opt.accumulate_grad({k: jnp.asarray(v) for k, v in g.items()})
     opt.step()
     for k in NAMES:
@@ -357,20 +328,20 @@ def _seq(opt, n):
 
 
 def test_checkpoint_restore_with_an_unfitting_scheduler_changes_nothing(tmp_path):
-    init = _init()
+    init = init_params()
     opt = optim.Adagrad({k: jnp.asarray(v) for k, v in init.items()}, lr=0.1)
     sched = _seq(opt, 3)
     opt.state[opt.param_groups[0]["params"][0]]["my_key"] = [1, 2]
     for i in range(3):
-        opt.step({k: jnp.asarray(v) for k, v in _grads(i).items()})
+        opt.step({k: jnp.asarray(v) for k, v in grads_at(i).items()})
         sched.step()
     with Checkpointer(tmp_path / "ck", async_save=False) as ck:
         ck.save(3, opt, sched)
     target = optim.Adagrad({k: jnp.asarray(v) for k, v in init.items()}, lr=0.1)
     twin = optim.Adagrad({k: jnp.asarray(v) for k, v in init.items()}, lr=0.1)
     s_target, s_twin = _seq(target, 2), _seq(twin, 2)
-    target.step({k: jnp.asarray(v) for k, v in _grads(9).items()})
-    twin.step({k: jnp.asarray(v) for k, v in _grads(9).items()})
+    target.step({k: jnp.asarray(v) for k, v in grads_at(9).items()})
+    twin.step({k: jnp.asarray(v) for k, v in grads_at(9).items()})
     with Checkpointer(tmp_path / "ck") as ck, pytest.raises(ValueError, match="child schedulers"):
         ck.restore(target, s_target)
     assert target.state_dict().keys() == twin.state_dict().keys()
@@ -390,7 +361,7 @@ def test_checkpoint_restore_with_an_unfitting_scheduler_changes_nothing(tmp_path
 
 def test_adagrad_eager_state_follows_each_parameter():
     """torch creates Adagrad's state for the constructor's parameters: it moves with them."""
-    init = _init()
+    init = init_params()
     tp = {k: torch.tensor(init[k], requires_grad=True) for k in NAMES}
     topt = torch.optim.Adagrad([{"params": [tp["a"], tp["b"]]}], lr=0.1)
     opt = optim.Adagrad([{"params": ["a", "b"]}], lr=0.1, model={k: jnp.asarray(v) for k, v in init.items()})
@@ -430,11 +401,11 @@ def test_lbfgs_history_survives_an_orbax_round_trip(tmp_path):
 
 
 def test_a_parameter_popped_then_given_to_add_param_group_keeps_its_state_like_torch():
-    tp, topt, opt, ours = _pair("adam", _init())
-    _step_both(tp, topt, opt, 0)
+    tp, topt, opt, ours = _pair("adam", init_params())
+    step_both(tp, topt, opt, 0)
     topt.add_param_group({"params": [topt.param_groups[0]["params"].pop()], "lr": 0.3})
     opt.add_param_group({"params": [opt.param_groups[0]["params"].pop()], "lr": 0.3})
     for i in (1, 2):
-        _step_both(tp, topt, opt, i)
-    _compare(tp, topt, opt, ours)
+        step_both(tp, topt, opt, i)
+    compare_with_torch(tp, topt, opt, ours)
     assert float(opt.state[ours["b"]]["step"]) == 3.0

@@ -19,14 +19,6 @@ from optim_harness import make_problem, rel_err, run_differential, run_torch
 TORCH_CLASSES = {"NAdam": torch.optim.NAdam, "ASGD": torch.optim.ASGD}
 
 
-@pytest.fixture
-def torch_float64_default():
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
 
 
 def random_groups(name, seed, n=3):

@@ -34,7 +34,7 @@ import numpy as np
 from ..groups import ALL, is_module as _is_module, is_variable as _is_variable
 from ..optimizers.base import Rule, hparam_dtype
 from ..sharding import replicated
-from ..grad_checks import check_grads
+from ..grad_checks import check_grads, check_trainable
 from ..engine import GroupState, check_per_slice, init_group_state, step_groups
 from . import hooks
 from .state_dict import LoadReport, StateDictMixin
@@ -224,22 +224,14 @@ class Optimizer(StateDictMixin):
 
     def _check_values(self, members, values, where: str) -> None:
         """Parameters must be live floating arrays (torch: only floating tensors can require gradients)."""
-        bad = []
         for k, (m, v) in enumerate(zip(members, values)):
-            label = self._binding.name(m) or f"parameter {k}"
             if getattr(v, "is_deleted", lambda: False)():
                 raise ValueError(
                     f"{where}: parameter {k} ({self._binding.name(m) or type(m).__name__}) is a deleted array "
                     "(its buffer was donated to an earlier step): build the optimizer from the current parameters"
                 )
-            dt = np.dtype(getattr(v, "dtype", np.float32))
-            if not np.issubdtype(dt, np.floating):
-                bad.append(f"{label!r} ({dt})")
-        if bad:
-            raise ValueError(
-                f"{where}: only floating point parameters can be optimized (torch: only Tensors of floating "
-                f"point dtype can require gradients), got {', '.join(bad)}; leave them out of the optimizer"
-            )
+        check_trainable([self._binding.name(m) or f"parameter {k}" for k, m in enumerate(members)], values, where,
+                        hint="leave them out of the optimizer")
 
     # ------------------------------------------------------------------ layout (state follows each parameter)
 
@@ -445,8 +437,8 @@ class Optimizer(StateDictMixin):
             grads = self._grad_acc
             if grads is None:
                 return loss
-        if not jax.tree.leaves(grads, is_leaf=_is_variable):
-            return loss  # every gradient is None: torch's step does nothing
+        if not jax.tree.leaves(grads):
+            return loss  # every gradient is None (a Variable holding None has no leaves): torch's step does nothing
         self._sync_layout()
         rules = self._structure()
         hparams = tuple(self._host_hparams(g, f"param group {i}") for i, g in enumerate(self.param_groups))

@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["Record", "ParamRecords", "StateMapping", "ParamStateView", "StateSnapshot"]
+__all__ = ["Record", "ParamRecords", "StateMapping", "ParamStateView", "StateSnapshot", "copy_user_value", "to_numpy"]
 
 
 class Record:
@@ -87,12 +87,17 @@ class ParamRecords:
         return out
 
 
+def to_numpy(x):
+    """numpy copy of an array-like (jax, numpy or a torch tensor: torch is never imported here)."""
+    if hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor: copy, never alias its live memory
+        return x.detach().cpu().numpy().copy()
+    return np.array(x, copy=True)
+
+
 def copy_user_value(v):
     """A snapshot of a user entry for ``state_dict()`` (arrays become numpy copies, the rest deep copies)."""
     if hasattr(v, "shape") and hasattr(v, "dtype") and not isinstance(v, np.generic):
-        if hasattr(v, "detach") and hasattr(v, "numpy"):  # a torch tensor: never alias its live memory
-            return v.detach().cpu().numpy().copy()
-        return np.array(v, copy=True)
+        return to_numpy(v)
     return copy.deepcopy(v)
 
 

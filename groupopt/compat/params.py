@@ -41,7 +41,6 @@ from __future__ import annotations
 import itertools
 import re
 import sys
-from typing import Any
 
 import jax
 
@@ -107,7 +106,7 @@ def _refs_held(holder_of) -> int:
     import jax.numpy as jnp
 
     arr = jnp.zeros(())
-    holder = holder_of(arr)  # noqa: F841 - keeps the holder's reference alive
+    holder = holder_of(arr)  # noqa: F841 - keeps the holder's reference alive while counting
     values = [arr]
     del arr
     return sys.getrefcount(values[0])

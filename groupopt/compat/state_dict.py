@@ -30,17 +30,10 @@ import numpy as np
 from ..engine import GroupState
 from ..optimizers.base import Rule
 from . import hooks
-from .param_state import copy_user_value
+from .param_state import copy_user_value, to_numpy as _to_numpy
 from .validation import check_saved_groups
 
 __all__ = ["LoadReport", "StateDictMixin"]
-
-
-def _to_numpy(x):
-    """numpy copy of an array-like (jax, numpy or a torch tensor: torch is never imported here)."""
-    if hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor: copy, never alias its live memory
-        return x.detach().cpu().numpy().copy()
-    return np.array(x, copy=True)
 
 
 class LoadReport(NamedTuple):
