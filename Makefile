@@ -21,7 +21,7 @@ $(STAMP_DEMO): pyproject.toml | $(BIN)/python
 	touch $@
 
 test: $(STAMP_TEST)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n auto --dist loadfile
 
 demo: $(STAMP_DEMO)
 	$(BIN)/python examples/digits_groups.py
