@@ -90,6 +90,20 @@ def _abstract(tree):
     return jax.tree.map(one, tree)
 
 
+def _drop_empty(tree):
+    """``tree`` with its zero-size arrays as ``None``: Orbax cannot save them (an absent slot's
+    placeholder, see :meth:`groupopt.Rule.slot_shapes`; a zero-size parameter). They hold no
+    data: :func:`_refill` takes them from the restoring side's own state."""
+    return jax.tree.map(lambda x: None if np.size(x) == 0 else x, tree)
+
+
+def _refill(restored, like):
+    """``restored`` (from a tree passed through :func:`_drop_empty`) with ``like``'s zero-size arrays put back."""
+    leaves, treedef = jax.tree.flatten(like)
+    got = treedef.flatten_up_to(restored)
+    return jax.tree.unflatten(treedef, [x if r is None else r for x, r in zip(leaves, got)])
+
+
 # ------------------------------------------------------------------ core state
 
 
@@ -97,14 +111,14 @@ def save_state(directory: str | os.PathLike, state) -> None:
     """Save a core optimizer state (any pytree of arrays, e.g. a GroupedState) with Orbax, sharded."""
     ocp = _ocp()
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.fspath(os.path.abspath(directory)), state)
+        ckptr.save(os.fspath(os.path.abspath(directory)), _drop_empty(state))
 
 
 def restore_state(directory: str | os.PathLike, like):
     """Restore into the structure, dtypes and shardings of ``like`` (e.g. ``tx.init(params)`` on the new mesh)."""
     ocp = _ocp()
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(os.fspath(os.path.abspath(directory)), _abstract(like))
+        return _refill(ckptr.restore(os.fspath(os.path.abspath(directory)), _abstract(_drop_empty(like))), like)
 
 
 # ------------------------------------------------------------------ compat optimizers
@@ -137,7 +151,7 @@ class Checkpointer:
                                                             "state": _encode(scheduler.state_dict())}
         self._manager.save(
             step,
-            args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(arrays=ocp.args.StandardSave(_drop_empty(arrays)), meta=ocp.args.JsonSave(meta)),
         )
 
     def wait(self) -> None:
@@ -177,7 +191,9 @@ class Checkpointer:
         if list(opt_meta["sizes"]) != sizes:
             raise ValueError(f"{where} has groups of sizes {list(opt_meta['sizes'])}; this optimizer's are {sizes}")
         like, _ = optimizer.export_state(include_params)
-        arrays = self._manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(_abstract(like))))["arrays"]
+        arrays = self._manager.restore(
+            step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(_abstract(_drop_empty(like)))))["arrays"]
+        arrays = _refill(arrays, like)
         try:
             commit = optimizer.prepare_import(arrays, opt_meta, include_params)
         except ValueError as e:

@@ -10,6 +10,7 @@ schedules or torch.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .optimizers.base import Rule, hparam_dtype
-from .sharding import constrain, replicated
+from .sharding import constrain, fit, replicated
 
 __all__ = ["GroupState", "GroupedState", "check_per_slice", "init_group_state", "update_group", "step_groups"]
 
@@ -83,24 +84,43 @@ def init_group_state(rule: Rule | None, hparams: dict, leaves: Sequence, shardin
     step = _place(jnp.zeros((), jnp.int32), rep)
     if rule is None:
         return GroupState(step, {}, {})
+    if rule.whole_group:  # e.g. an Optax transformation over the group's tree: its own state
+        return rule.init_members(hparams, leaves, shardings)
     per_leaf = [rule.init_slots(leaf, hparams) for leaf in leaves]
     if shardings is not None:
-        per_leaf = [{n: _place(v, sh) for n, v in s.items()} for s, (sh, _) in zip(per_leaf, shardings)]
+        per_leaf = [{n: _place(v, fit(sh, v.shape)) for n, v in s.items()} for s, (sh, _) in zip(per_leaf, shardings)]
     slots = {name: tuple(s[name] for s in per_leaf) for name in rule.slot_names()}
     scalars = jax.tree.map(lambda x: _place(x, rep), rule.init_scalars(hparams))
     return GroupState(step, scalars, slots)
 
 
 def _leaf_coefs(coef: dict, dtype, ndim: int) -> dict:
-    """Coefficients cast to a leaf's dtype; per-slice (1-D) ones shaped to broadcast along axis 0."""
+    """Coefficients cast to a leaf's dtype (``dtype`` None: kept as they are, for a rule with
+    ``cast_coefs = False``); per-slice (1-D) ones shaped to broadcast along axis 0."""
     out = {}
     for k, v in coef.items():
-        if jnp.issubdtype(v.dtype, jnp.floating):
+        if dtype is not None and jnp.issubdtype(v.dtype, jnp.floating):
             v = v.astype(dtype)
         if v.ndim == 1:
             v = v.reshape(v.shape + (1,) * (ndim - 1))
         out[k] = v
     return out
+
+
+_APPLY_CACHE: dict = {}
+
+
+def _leaf_apply(rule: Rule):
+    """``rule.apply`` under its own ``jax.jit``, one per rule: leaves of the same shape and dtype
+    share one trace (jit's cache), so a step over thousands of leaves traces each kind of leaf
+    once instead of once per leaf. XLA inlines the calls, so the compiled step is unchanged."""
+    try:
+        fn = _APPLY_CACHE.get(rule)
+    except TypeError:  # an unhashable rule: traced per leaf, as before
+        return rule.apply
+    if fn is None:
+        fn = _APPLY_CACHE[rule] = jax.jit(rule.apply)
+    return fn
 
 
 def update_group(rule: Rule, hparams: dict, gstate: GroupState, grads: Sequence, params: Sequence,
@@ -131,10 +151,15 @@ def update_group(rule: Rule, hparams: dict, gstate: GroupState, grads: Sequence,
         raise ValueError(f"group {name}: per-slice hyperparameters need one step count for the whole group")
     coef, scalars = rule.prepare(hparams, step.astype(hparam_dtype()), gstate.scalars)
     coef = {k: jnp.asarray(v) for k, v in coef.items()}
-    # Computed once for the group: the barrier keeps XLA from fusing (and so repeating) this scalar
-    # work into every element of every leaf's update loop.
+    # Computed once for the group: the barrier asks XLA not to fuse (and so repeat) this scalar work
+    # into every element of every leaf's update loop. (XLA's CPU pipeline removes barriers early,
+    # so on CPU this is a no-op; GPU and TPU keep it.)
     coef = jax.lax.optimization_barrier(coef)
     by_dtype: dict = {}
+    # Under an outer trace, each kind of leaf is traced once; called eagerly, the rule runs op by op
+    # (as it always did: a separately compiled leaf update could round differently from jit's).
+    apply = _leaf_apply(rule) if any(isinstance(p, jax.core.Tracer) for p in params) else rule.apply
+    cast_to = (lambda p: p.dtype) if rule.cast_coefs else (lambda p: None)  # noqa: E731
     names = rule.slot_names()
     new_params, new_slots = [], {n: [] for n in names}
     for i, (g, p) in enumerate(zip(grads, params)):
@@ -144,13 +169,13 @@ def update_group(rule: Rule, hparams: dict, gstate: GroupState, grads: Sequence,
                 new_slots[n].append(gstate.slots[n][i])
             continue
         if per_member:
-            c = _leaf_coefs({k: v[i] if v.ndim == 1 else v for k, v in coef.items()}, p.dtype, p.ndim)
+            c = _leaf_coefs({k: v[i] if v.ndim == 1 else v for k, v in coef.items()}, cast_to(p), p.ndim)
         else:
             c = by_dtype.get((p.dtype, p.ndim))
             if c is None:
-                c = by_dtype[(p.dtype, p.ndim)] = _leaf_coefs(coef, p.dtype, p.ndim)
+                c = by_dtype[(p.dtype, p.ndim)] = _leaf_coefs(coef, cast_to(p), p.ndim)
         leaf_slots = {n: gstate.slots[n][i] for n in names}
-        new_p, s = rule.apply(g, p, leaf_slots, c)
+        new_p, s = apply(g, p, leaf_slots, c)
         new_params.append(new_p.astype(p.dtype))
         sh, psh = (None, None) if shardings is None else shardings[i]
         if psh is not None:
@@ -181,8 +206,9 @@ def step_groups(rules: Sequence[Rule | None], hparams: Sequence[dict], groups: S
             continue
         idx = members[g]
         sh = None if shardings is None else [shardings[i] for i in idx]
-        new_p, gs = update_group(rule, hparams[g], groups[g], [grad_leaves[i] for i in idx],
-                                 [param_leaves[i] for i in idx], sh, str(g) if names is None else names[g])
+        update = rule.update_members if rule.whole_group else functools.partial(update_group, rule)
+        new_p, gs = update(hparams[g], groups[g], [grad_leaves[i] for i in idx],
+                           [param_leaves[i] for i in idx], sh, str(g) if names is None else names[g])
         for i, p in zip(idx, new_p):
             out[i] = p
         new_groups.append(gs)

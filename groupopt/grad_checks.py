@@ -14,12 +14,13 @@ Used by the core (:func:`groupopt.grouped`: ``apply``, ``update``, ``init``) and
 from __future__ import annotations
 
 import difflib
+import sys
 from typing import Iterable, Sequence
 
 import jax
 import numpy as np
 
-__all__ = ["check_grads", "check_grad_paths", "check_trainable", "unknown_paths_error"]
+__all__ = ["check_grads", "check_grad_paths", "check_trainable", "is_sparse", "unknown_paths_error"]
 
 _MAX_LISTED = 10  # unknown paths listed by name (each costs a closest-match search)
 
@@ -30,13 +31,25 @@ def _aval(x):
     return tuple(a.shape), np.dtype(a.dtype), bool(getattr(a, "weak_type", False))
 
 
+def is_sparse(x) -> bool:
+    """Whether ``x`` is a sparse array (``jax.experimental.sparse``: a BCOO, BCSR, ...).
+
+    A sparse gradient (e.g. the BCOO that :func:`groupopt.sparse_rows` builds for an embedding
+    table) is one leaf of a gradient tree, though it is a pytree of its own (indices and values).
+    Checked without importing the sparse module: if it is not imported, nothing is sparse.
+    """
+    mod = sys.modules.get("jax.experimental.sparse")
+    return mod is not None and isinstance(x, mod.JAXSparse)
+
+
 def _one_error(where: str, what: str, problems: list[str]) -> ValueError:
     if len(problems) == 1:
         return ValueError(f"{where}: {problems[0]}")
     return ValueError(f"{where}: {len(problems)} {what}: " + "; ".join(problems))
 
 
-def check_grads(names: Sequence[str], grads: Sequence, params: Sequence, where: str = "step") -> None:
+def check_grads(names: Sequence[str], grads: Sequence, params: Sequence, where: str = "step",
+                rules: Sequence | None = None) -> None:
     """Each gradient must have exactly its parameter's shape and floating dtype.
 
     Args:
@@ -45,17 +58,28 @@ def check_grads(names: Sequence[str], grads: Sequence, params: Sequence, where: 
         ``p.grad is None``).
       params: the parameters (arrays or tracers).
       where: the call the error is about (prefixes the message).
+      rules: per gradient, the update rule that will use it (or None): each rule says which
+        gradients it refuses (:meth:`groupopt.Rule.grad_error`: a sparse gradient for a dense
+        optimizer, a dense one for SparseAdam). Without rules, sparse gradients are refused.
 
-    Raises one ``ValueError`` listing every mismatch: a different shape (no broadcasting),
+    Raises one ``RuntimeError`` (torch's type for these) listing every gradient a rule refuses,
+    with torch's message; otherwise one ``ValueError`` listing every mismatch: a different shape (no broadcasting),
     a non-floating dtype (int, bool, complex: torch refuses those gradients too), or a
     floating dtype other than the parameter's (torch refuses assigning a ``.grad`` of
     another dtype). A weakly typed Python float is accepted for a floating parameter.
     """
-    problems = []
-    for name, g, p in zip(names, grads, params):
+    refused, problems = [], []
+    for i, (name, g, p) in enumerate(zip(names, grads, params)):
         if g is None:
             continue
-        gshape, gdt, gweak = _aval(g)
+        if rules is not None and rules[i] is not None:
+            msg = rules[i].grad_error(g)
+        else:
+            msg = f"a sparse gradient ({type(g).__name__}) needs an optimizer that takes sparse gradients" if is_sparse(g) else None
+        if msg:
+            refused.append(f"gradient for {name!r}: {msg}")
+            continue
+        gshape, gdt, gweak = (tuple(g.shape), np.dtype(g.dtype), False) if is_sparse(g) else _aval(g)
         pshape, pdt, _ = _aval(p)
         if gshape != pshape:
             problems.append(f"gradient for {name!r} has shape {gshape}, parameter has shape {pshape}")
@@ -63,6 +87,9 @@ def check_grads(names: Sequence[str], grads: Sequence, params: Sequence, where: 
             problems.append(f"gradient for {name!r} has dtype {gdt}, parameter has {pdt} (gradients must be real floating point)")
         elif gdt != pdt and not (gweak and np.issubdtype(pdt, np.floating)):
             problems.append(f"gradient for {name!r} has dtype {gdt}, parameter has {pdt}")
+    if refused:
+        err = _one_error(where, "gradients are refused", refused)
+        raise RuntimeError(*err.args)
     if problems:
         raise _one_error(where, "gradients do not match their parameters", problems)
 
@@ -108,7 +135,9 @@ def check_trainable(names: Sequence[str], params: Sequence, where: str = "groupe
     bad = []
     for name, p in zip(names, params):
         _, dt, _ = _aval(p)
-        if not np.issubdtype(dt, np.floating):
+        if is_sparse(p):  # torch: "SparseAdam requires dense parameter tensors"
+            bad.append(f"{name!r} (a sparse {type(p).__name__}: parameters must be dense arrays)")
+        elif not np.issubdtype(dt, np.floating):
             bad.append(f"{name!r} ({dt})")
     if bad:
         raise ValueError(

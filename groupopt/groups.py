@@ -28,8 +28,10 @@ from typing import Any, Callable, Sequence
 
 import jax
 
+from .grad_checks import is_sparse
+
 __all__ = ["ALL", "AllSelector", "GroupPlan", "rest", "path_str", "flatten_with_paths", "partition", "is_module",
-           "is_variable", "matcher"]
+           "is_variable", "is_leaf", "matcher"]
 
 
 class _All:
@@ -96,6 +98,11 @@ def _is_variable(x) -> bool:
     return x is not None and isinstance(x, _nnx_classes()[0])
 
 
+def is_leaf(x) -> bool:
+    """``is_leaf`` for flattening parameter and gradient trees: NNX Variables and sparse arrays."""
+    return _is_variable(x) or is_sparse(x)
+
+
 def _is_module(x) -> bool:
     return x is not None and isinstance(x, _nnx_classes()[1])
 
@@ -110,8 +117,9 @@ def as_param_tree(params):
 
 
 def flatten_with_paths(tree) -> tuple[list[str], list[Any], Any]:
-    """Flatten ``tree`` to (paths, leaves, treedef); NNX Variables count as leaves."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
+    """Flatten ``tree`` to (paths, leaves, treedef); NNX Variables and sparse arrays (a BCOO
+    gradient, :func:`groupopt.grad_checks.is_sparse`) count as leaves."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     paths = [path_str(kp) for kp, _ in flat]
     leaves = [leaf for _, leaf in flat]
     return paths, leaves, treedef

@@ -31,7 +31,8 @@ def _leaf_map(fn, value):
 
 
 def _to_array(v):
-    return jnp.asarray(v, dtype=hparam_dtype())
+    # None: an optional value the rule resolves itself (Adafactor's eps1), held as NaN
+    return jnp.asarray(jnp.nan if v is None else v, dtype=hparam_dtype())
 
 
 def initial_state(spec: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +70,7 @@ def replace(stored: dict[str, Any], updates: dict[str, Any], where: str) -> dict
                 raise ValueError(f"{where}: {k} must be a sequence of {len(old)} values, got {v!r}")
             out[k] = tuple(replace({k: o}, {k: vi}, where)[k] for vi, o in zip(v, old))
         else:
-            new = jnp.asarray(v, dtype=old.dtype)
+            new = jnp.asarray(jnp.nan if v is None else v, dtype=old.dtype)
             if new.shape != old.shape:
                 raise ValueError(f"{where}: {k} has shape {old.shape}; got a value of shape {new.shape}")
             out[k] = new

@@ -3,7 +3,9 @@
 ``groupopt.report(tx, params)`` for a grouped transformation, or
 ``optimizer.report()`` for a compat optimizer: one row per group with its
 rule, hyperparameters, member count, element count, bytes and shardings, then
-the member paths (``verbose=True``) and the leaves in no group.
+the member paths (``verbose=True``) and the leaves in no group. With
+overrides (:mod:`groupopt.overrides`), a value an override set is marked
+``key=value <override name>`` and the overrides are listed after the table.
 """
 
 from __future__ import annotations
@@ -51,10 +53,13 @@ def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return "\n".join(out)
 
 
-def describe_groups(entries, frozen_paths=(), verbose=False) -> str:
-    """entries: per group ``(name, rule_name, hparams, [(path, array), ...])``."""
+def describe_groups(entries, frozen_paths=(), verbose=False, notes: str = "") -> str:
+    """entries: per group ``(name, rule_name, hparams, [(path, array), ...])``, optionally with a fifth
+    item ``{key: override name}`` (a value set by an override shows as ``key=value <override>``);
+    ``notes`` is printed after the table."""
     rows, details = [], []
-    for name, rule_name, hparams, members in entries:
+    for name, rule_name, hparams, members, *origin in entries:
+        origin = origin[0] if origin else {}
         arrays = [_value(a) for _, a in members]
         n = sum(int(math.prod(a.shape)) for a in arrays)
         nbytes = sum(int(math.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays)
@@ -62,7 +67,8 @@ def describe_groups(entries, frozen_paths=(), verbose=False) -> str:
         rows.append({
             "group": name,
             "rule": rule_name,
-            "hyperparameters": ", ".join(f"{k}={_fmt(v)}" for k, v in hparams.items()),
+            "hyperparameters": ", ".join(f"{k}={_fmt(v)}" + (f" <{origin[k]}>" if k in origin else "")
+                                         for k, v in hparams.items()),
             "tensors": len(arrays),
             "params": n,
             "bytes": nbytes,
@@ -72,6 +78,8 @@ def describe_groups(entries, frozen_paths=(), verbose=False) -> str:
             details.append(f"group {name}:")
             details += [f"  {p}  {tuple(_value(a).shape)}  {_value(a).dtype}  {_sharding(_value(a))}" for p, a in members]
     text = format_table(rows, ["group", "rule", "hyperparameters", "tensors", "params", "bytes", "sharding"])
+    if notes:
+        text += "\n" + notes
     if frozen_paths:
         text += f"\nin no group (untouched, no state): {len(frozen_paths)} leaves"
         if verbose:
@@ -94,8 +102,10 @@ def report(tx, params, verbose: bool = False) -> str:
     entries = []
     for g, config in enumerate(tx.configs):
         rule_name = "frozen" if config.frozen else type(config.rule).name + _options(config.rule)
-        entries.append((config.name, rule_name, config.spec, [(paths[i], leaves[i]) for i in members[g]]))
-    return describe_groups(entries, frozen, verbose)
+        origin = tx.resolution.subgroups[g].origin if getattr(tx, "resolution", None) is not None else {}
+        entries.append((config.name, rule_name, config.spec, [(paths[i], leaves[i]) for i in members[g]], origin))
+    notes = tx.resolution.describe() if getattr(tx, "resolution", None) is not None else ""
+    return describe_groups(entries, frozen, verbose, notes)
 
 
 def _options(rule) -> str:

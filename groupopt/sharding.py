@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-__all__ = ["zero1", "replicated", "constrain", "leaf_shardings", "state_bytes_per_device"]
+__all__ = ["zero1", "replicated", "constrain", "fit", "leaf_shardings", "state_bytes_per_device"]
 
 StateSharding = Callable[[str, jax.Array], "jax.sharding.Sharding | None"]
 
@@ -56,8 +56,41 @@ def zero1(axis: str = "data") -> StateSharding:
     return fn
 
 
+def fit(sharding, shape):
+    """``sharding`` (a parameter's, or its state's) adapted to an array of ``shape`` derived from it.
+
+    State that is not shaped like its parameter (Adafactor's row/column factors ``(..., m, 1)`` /
+    ``(..., 1, n)``, an empty placeholder) keeps the parameter's mesh axes on every dimension
+    that still divides by them and is replicated along the others; an array of another rank is
+    replicated on the mesh. A sharding that already fits (state shaped like its parameter) is
+    returned as it is; ``None`` and non-named shardings are returned unchanged.
+    """
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    mesh, spec = sharding.mesh, tuple(sharding.spec)
+    if len(spec) > len(shape):
+        if any(e is not None for e in spec[len(shape):]):
+            return NamedSharding(mesh, PartitionSpec())
+        spec = spec[: len(shape)]
+
+    def size(entry):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        n = 1
+        for a in names:
+            n *= mesh.shape[a]
+        return n
+
+    new = tuple(e if e is None or (shape[d] % size(e) == 0 and shape[d] > 0) else None for d, e in enumerate(spec))
+    if new == tuple(sharding.spec):
+        return sharding
+    return NamedSharding(mesh, PartitionSpec(*new))
+
+
 def constrain(x, sharding):
-    """Pin ``x`` (inside jit) to ``sharding``: ``reshard`` on meshes with Explicit axes, else a constraint."""
+    """Pin ``x`` (inside jit) to ``sharding``: ``reshard`` on meshes with Explicit axes, else a constraint.
+
+    ``sharding`` is first :func:`fit` to ``x``'s shape (state not shaped like its parameter)."""
+    sharding = fit(sharding, x.shape)
     types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
     if any(t == jax.sharding.AxisType.Explicit for t in types):
         return jax.sharding.reshard(x, sharding)

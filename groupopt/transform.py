@@ -21,9 +21,11 @@ import optax
 
 from . import hyperparams as hpmod
 from .engine import GroupedState, GroupState, check_per_slice, init_group_state, step_groups
-from .grad_checks import check_grad_paths, check_grads, check_trainable
+from .grad_checks import check_grad_paths, check_grads, check_trainable, is_sparse
 from .groups import ALL, GroupPlan, as_param_tree, partition, path_str
 from .optimizers.base import Rule
+from .optimizers.optax_rule import optax_rule
+from .overrides import Override, resolve as resolve_overrides
 from .sharding import leaf_shardings, replicated
 
 __all__ = [
@@ -106,7 +108,11 @@ def _resolve_rule(rule) -> Rule:
         return rule()
     if isinstance(rule, Rule):
         return rule
-    raise TypeError(f"rule must be a groupopt Rule instance or class, got {type(rule).__name__}")
+    if isinstance(rule, optax.GradientTransformation):  # hyperparameters fixed: see groupopt.optax_rule
+        return optax_rule(rule)
+    raise TypeError(f"rule must be a groupopt Rule instance or class, or an optax.GradientTransformation "
+                    f"(an Optax factory such as optax.lion: groupopt.optax_rule(optax.lion, learning_rate=...)), "
+                    f"got {type(rule).__name__}: {rule!r}")
 
 
 def _normalize_value(v, tuple_valued: bool):
@@ -126,7 +132,7 @@ def make_config(name: str, rule: Rule | None, defaults: dict, overrides: dict, w
     if rule is None:
         return GroupConfig(name, None, {})
     rcls = type(rule)
-    d_opts, d_hps = _split_kwargs(rcls, defaults, where, strict=False)
+    d_opts, d_hps = _split_kwargs(rcls, {k: v for k, v in defaults.items() if k not in rcls.bound_keys}, where, strict=False)
     g_opts, g_hps = _split_kwargs(rcls, overrides, where, strict=True)
     options = {**rule.options(), **d_opts, **g_opts}
     rule = dataclasses.replace(rule, **options)
@@ -190,11 +196,13 @@ def _check_grads(configs, plan: GroupPlan, grad_paths, grad_leaves, param_leaves
     frozen leaves and of leaves in no group are not used, so not checked beyond their paths."""
     check_grad_paths(grad_paths, plan.paths, where)
     idx = _updated(configs, plan)
-    check_grads([plan.paths[i] for i in idx], [grad_leaves[i] for i in idx], [param_leaves[i] for i in idx], where)
+    rules = [c.rule for g, c in enumerate(configs) if not c.frozen for _ in plan.members[g]]  # aligned with idx
+    check_grads([plan.paths[i] for i in idx], [grad_leaves[i] for i in idx], [param_leaves[i] for i in idx], where,
+                rules=rules)
 
 
 def _flat(tree):
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_sparse)  # a BCOO gradient is one leaf
     return [path_str(kp) for kp, _ in flat], [x for _, x in flat], treedef
 
 
@@ -211,10 +219,13 @@ class GroupedTransformation(optax.GradientTransformationExtraArgs):
       group's hyperparameters replaced (no recompile).
     * ``hyperparams(state)``: the current values, per group, as Python floats.
     * ``configs`` and ``plan``: the resolved groups.
+    * ``resolution``: how ``overrides`` split the groups
+      (:class:`groupopt.overrides.Resolution`), or ``None``.
     """
 
     configs: tuple
     plan: GroupPlan | None
+    resolution: Any = None
 
 
 def _group_index(configs, group) -> int:
@@ -228,8 +239,16 @@ def _group_index(configs, group) -> int:
     raise KeyError(f"no group named {group!r}; groups: {[c.name for c in configs]}")
 
 
+def _accepted(rule) -> set | None:
+    """The keys a group's rule accepts (hyperparameters and options); None for a frozen group."""
+    if rule is None:
+        return None
+    fields = {f.name for f in dataclasses.fields(rule)} if dataclasses.is_dataclass(rule) else set()
+    return set(getattr(type(rule), "hyperparams", {})) | fields
+
+
 def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: Rule | type, state_sharding=None,
-            require_all: bool = False, **defaults) -> GroupedTransformation:
+            require_all: bool = False, overrides: Sequence[Override] | None = None, **defaults) -> GroupedTransformation:
     """Build one transformation that updates each group with its own rule and hyperparameters.
 
     Args:
@@ -246,6 +265,11 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
       state_sharding: optional ``(path, param) -> Sharding | None`` placing each
         per-leaf state array (e.g. :func:`groupopt.sharding.zero1`); by default
         state is sharded exactly like its parameter. Needs ``params``.
+      overrides: :func:`groupopt.override` specs: values for selections that
+        cut across groups (``weight_decay=0.0`` for every bias). Each group
+        is split into the sub-groups they induce (``"layer3+no_decay"``); a
+        later override wins over an earlier one and over group values. See
+        :mod:`groupopt.overrides`; ``tx.resolution`` holds the result.
       **defaults: hyperparameters (numbers or schedules) and options shared
         by all groups; each group's own values win.
     """
@@ -267,10 +291,11 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
         if not specs:
             raise ValueError("optimizer got an empty parameter list")
     names = [s.name if s.name is not None else (str(i) if groups is not None else "all") for i, s in enumerate(specs)]
-    configs = []
+    configs, rules = [], []
     for i, s in enumerate(specs):
         where = f"group {i}" if specs[i].name is None else f"group {i} ({names[i]})"
         r = None if s.frozen else (_resolve_rule(s.rule) if s.rule is not None else base_rule)
+        rules.append(r)
         configs.append(make_config(names[i], r, defaults, s.hparams, where))
     # defaults that no group's rule knows are a typo
     known = set()
@@ -281,13 +306,22 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
     if unknown:
         raise TypeError(f"unknown hyperparameter or option {unknown[0]!r} for {type(base_rule).name}")
     configs = tuple(configs)
+    resolution = None
+    if overrides:
+        if params is None:
+            raise ValueError("overrides need the parameter tree to match against: pass params")
+        resolution = resolve_overrides(as_param_tree(params), [s.select for s in specs], names, [c.frozen for c in configs],
+                                       [s.hparams for s in specs], overrides, [_accepted(c.rule) for c in configs], require_all)
+        configs = tuple(make_config(sg.name, rules[sg.base], defaults, sg.values, f"group {sg.base} ({sg.name})")
+                        for sg in resolution.subgroups)
 
     if params is None:
         if groups is not None:
             raise ValueError("groups need the parameter tree to match against: pass params")
         plan = None
     else:
-        plan = partition(as_param_tree(params), [s.select for s in specs], names, require_all=require_all)
+        plan = resolution.plan if resolution is not None else partition(
+            as_param_tree(params), [s.select for s in specs], names, require_all=require_all)
         _, leaves, _ = _flat(as_param_tree(params))
         _check_trainable(configs, plan, leaves, "grouped(params)")
         for g, c in enumerate(configs):
@@ -333,13 +367,15 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
         return jax.tree_util.tree_unflatten(gtreedef, deltas), new_state
 
     def set_hyperparams(state: GroupedState, group=0, **values) -> GroupedState:
-        g = _group_index(configs, group)
-        where = f"group {g} ({configs[g].name})"
-        for k in values:
-            if k in configs[g].spec and hpmod.has_schedule(configs[g].spec[k]):
-                raise ValueError(f"{where}: {k} follows a schedule; it cannot be set by hand")
+        # a group's name given with overrides reaches its sub-groups, except the keys an override fixed
+        targets = resolution.expand(group, values) if resolution is not None else None
         hps = list(state.hyperparams)
-        hps[g] = hpmod.replace(hps[g], values, where)
+        for g, vals in targets if targets is not None else [(_group_index(configs, group), values)]:
+            where = f"group {g} ({configs[g].name})"
+            for k in vals:
+                if k in configs[g].spec and hpmod.has_schedule(configs[g].spec[k]):
+                    raise ValueError(f"{where}: {k} follows a schedule; it cannot be set by hand")
+            hps[g] = hpmod.replace(hps[g], vals, where)
         return state._replace(hyperparams=tuple(hps))
 
     def read_hyperparams(state: GroupedState) -> list[dict]:
@@ -356,6 +392,7 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
     tx = GroupedTransformation(init_fn, update_fn)
     tx.configs = configs
     tx.plan = plan
+    tx.resolution = resolution
     tx.apply = apply_fn
     tx.set_hyperparams = set_hyperparams
     tx.hyperparams = read_hyperparams

@@ -64,3 +64,34 @@ TABLE: dict[str, Row] = {
         {}, {"weight_decay": 0.1}, {"t0": 1.0, "lambd": 0.1, "maximize": True},
     ]),
 }
+
+
+# Optimizers whose per-parameter state is NOT shaped like the parameter and whose update is not
+# elementwise. They are kept out of TABLE on purpose: tests/test_nonfinite.py reads every one of the
+# core's slots from torch's state (Adafactor keeps row_var/col_var for a matrix and variance for a
+# vector, and holds an empty placeholder for the others), and its problem has only 1-d parameters
+# (the factored path would go untested). tests/test_optim_adafactor.py runs the TABLE tests of
+# tests/test_conformance.py on these rows unchanged, and test_nonfinite's problem on the slots torch keeps.
+FACTORED: dict[str, Row] = {
+    "Adafactor": Row(torch.optim.Adafactor, optim.Adafactor, groupopt.adafactor, dict(lr=0.1), [
+        {}, {"weight_decay": 0.1}, {"eps": (1e-6, 1e-3), "d": 1.5, "weight_decay": 0.1, "maximize": True},
+    ]),
+}
+
+
+# Optimizers for 2-D parameters only (torch raises for any other rank): the shared tests' problems
+# (tests/param_edits.py, tests/test_nonfinite.py) hold 1-D parameters, so these rows are kept out of
+# TABLE on purpose. tests/test_optim_muon.py runs the same checks (list edits, user state entries,
+# export/import, gradients checked at the door) on matrices, against torch.
+MATRIX_ONLY: dict[str, Row] = {
+    "Muon": Row(torch.optim.Muon, optim.Muon, groupopt.muon, dict(lr=0.02), [
+        {}, {"nesterov": False, "adjust_lr_fn": "match_rms_adamw"}, {"momentum": 0.8, "weight_decay": 0.0},
+    ]),
+}
+
+
+# SparseAdam (groupopt.compat.SparseAdam, groupopt.sparse_adam) has no row: every shared test feeds
+# dense gradients, which SparseAdam refuses as torch does ("SparseAdam does not support dense
+# gradients, please consider Adam instead"). tests/test_optim_sparse_adam.py runs its own checks
+# against torch with sparse gradients (BCOO vs torch sparse COO): groups, maximize, duplicates, empty
+# gradients, lr edits, state_dict round trips both ways, the dense-gradient refusal changing nothing.

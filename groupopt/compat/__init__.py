@@ -9,6 +9,7 @@ gradients are matched.
 """
 
 from . import lr_scheduler
+from . import swa_utils
 from .adam import Adam, AdamW
 from .optimizer import Optimizer, required
 from .sgd import SGD
@@ -18,12 +19,20 @@ from .adadelta import Adadelta
 from .adamax import Adamax
 from .nadam import NAdam
 from .radam import RAdam
+from .adafactor import Adafactor
 from .rprop import Rprop
 from .asgd import ASGD
+from .muon import Muon
 from .lbfgs import LBFGS
+from .sparse_adam import SparseAdam
 from .hooks import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from .optimizer import LoadReport
 from .torch_interop import load_torch_checkpoint, to_numpy, to_torch
+from .clip_grad import clip_grad_norm, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from .param_groups import param_groups
 
-__all__ = ["LBFGS", "NAdam", "RAdam", "Rprop", "ASGD", "RMSprop", "Adagrad", "Adadelta", "Adamax", "Optimizer", "required", "SGD", "Adam", "AdamW", "lr_scheduler", "to_torch", "to_numpy", "load_torch_checkpoint",
-           "register_optimizer_step_pre_hook", "register_optimizer_step_post_hook", "LoadReport"]
+__all__ = ["LBFGS", "Muon", "SparseAdam", "NAdam", "RAdam", "Rprop", "ASGD", "RMSprop", "Adagrad", "Adadelta", "Adamax", "Optimizer", "required", "SGD", "Adam", "AdamW", "lr_scheduler", "to_torch", "to_numpy", "load_torch_checkpoint",
+           "register_optimizer_step_pre_hook", "register_optimizer_step_post_hook", "LoadReport",
+           "clip_grad_norm_", "clip_grad_norm", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_",
+           "param_groups", "Adafactor"]
+__all__ += ["swa_utils"]

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..groups import is_variable as _is_variable
+from ..grad_checks import is_sparse as _is_sparse
+from ..groups import is_leaf as _is_leaf, is_variable as _is_variable
 from ..optimizers.base import Rule
 from ..optimizers.lbfgs import LBFGSSolver, minimize_flat, state_from_torch, state_to_torch
 from .optimizer import Optimizer
@@ -57,9 +58,11 @@ def _unflatten(flat, specs):
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _gather(grads, idx, dtype):
-    """The members' gradients (positions ``idx`` among the leaves of ``grads``), flattened."""
-    leaves = jax.tree.leaves(grads, is_leaf=_is_variable)
+    """The members' gradients (positions ``idx`` among the leaves of ``grads``), flattened; a sparse
+    (BCOO) gradient is made dense first, as torch's LBFGS does (``grad.to_dense()``)."""
+    leaves = jax.tree.leaves(grads, is_leaf=_is_leaf)
     leaves = [x.get_value() if _is_variable(x) else x for x in leaves]
+    leaves = [x.todense() if _is_sparse(x) else x for x in leaves]
     return jnp.concatenate([jnp.ravel(leaves[i]).astype(dtype) for i in idx])
 
 

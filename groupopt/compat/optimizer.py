@@ -31,10 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..groups import ALL, is_module as _is_module, is_variable as _is_variable
+from ..groups import ALL, is_leaf as _is_leaf, is_module as _is_module, is_variable as _is_variable
 from ..optimizers.base import Rule, hparam_dtype
-from ..sharding import replicated
-from ..grad_checks import check_grads, check_trainable
+from ..sharding import fit, replicated
+from ..grad_checks import check_grads, check_trainable, is_sparse as _is_sparse
 from ..engine import GroupState, check_per_slice, init_group_state, step_groups
 from . import hooks
 from .state_dict import LoadReport, StateDictMixin
@@ -45,6 +45,28 @@ __all__ = ["Optimizer", "required", "LoadReport"]
 
 
 _SCALAR_DONATION_WARNING = r"Some donated buffers were not usable: (?:(?:bool|[a-z]+\d+)\[\](?:, )?)+\.?\s"
+
+
+def _add_grads(a, b):
+    """``a + b`` as torch's ``backward()`` adds into ``.grad``: two sparse gradients (BCOO) are
+    concatenated (torch keeps the sum uncoalesced; duplicates are summed at the step); a sparse
+    and a dense one add up to a dense one."""
+    if not (_is_sparse(a) or _is_sparse(b)):
+        return jnp.add(a, b)
+    if _is_sparse(a) and _is_sparse(b) and type(a) is type(b) and hasattr(a, "n_batch") and \
+            (a.shape, a.n_batch, a.n_dense) == (b.shape, b.n_batch, b.n_dense):
+        ax = a.n_batch
+        return type(a)((jnp.concatenate([a.data, b.data], ax), jnp.concatenate([a.indices, b.indices], ax)), shape=a.shape)
+    dense = lambda x: x.todense() if _is_sparse(x) else x  # noqa: E731
+    return dense(a) + dense(b)
+
+
+def _zero_grad(g):
+    """torch's ``grad.zero_()``: zeros, or for a sparse gradient no entries at all (nothing touched)."""
+    if not _is_sparse(g):
+        return jnp.zeros_like(g)
+    n = g.n_batch
+    return type(g)((g.data[(slice(None),) * n + (slice(0, 0),)], g.indices[(slice(None),) * n + (slice(0, 0),)]), shape=g.shape)
 
 
 class _RequiredParameter:
@@ -100,7 +122,7 @@ class Optimizer(StateDictMixin):
         self._layout_members: list[list] = []
         self._where: dict[int, tuple[int, int]] = {}  # id(member) -> (group, position)
         self._grad_acc = None
-        self._adder = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+        self._adder = jax.jit(lambda a, b: jax.tree.map(_add_grads, a, b, is_leaf=_is_sparse))
         self.num_compiles = 0
         self._state_sharding = None
 
@@ -321,7 +343,9 @@ class Optimizer(StateDictMixin):
             if isinstance(default, tuple):
                 if not isinstance(v, (tuple, list)) or len(v) != len(default):
                     raise ValueError(f"{where}: {k} must be a sequence of {len(default)} numbers, got {v!r}")
-                out[k] = tuple(self._number(x, f"{where}: {k}") for x in v)
+                # None where torch's default is None: an optional value the rule resolves (Adafactor's eps1)
+                out[k] = tuple(None if x is None and dx is None else self._number(x, f"{where}: {k}")
+                               for x, dx in zip(v, default))
             else:
                 out[k] = self._number(v, f"{where}: {k}")
         return out
@@ -342,7 +366,7 @@ class Optimizer(StateDictMixin):
         dt = np.dtype(hparam_dtype())
         out = {}
         for k, v in self._numbers(group, where).items():
-            out[k] = tuple(np.asarray(x, dt) for x in v) if isinstance(v, tuple) else np.asarray(v, dt)
+            out[k] = tuple(np.asarray(np.nan if x is None else x, dt) for x in v) if isinstance(v, tuple) else np.asarray(v, dt)
         return out
 
     # ------------------------------------------------------------------ step
@@ -356,11 +380,34 @@ class Optimizer(StateDictMixin):
         if set_to_none or self._grad_acc is None:
             self._grad_acc = None
         else:
-            self._grad_acc = jax.tree.map(jnp.zeros_like, self._grad_acc)
+            self._grad_acc = jax.tree.map(_zero_grad, self._grad_acc, is_leaf=_is_sparse)
 
     def accumulate_grad(self, grads) -> None:
         """Add ``grads`` to the pending gradients, as torch's ``backward()`` adds into ``.grad``."""
         self._grad_acc = grads if self._grad_acc is None else self._adder(self._grad_acc, grads)
+
+    @property
+    def accumulated_grads(self):
+        """The gradients summed by :meth:`accumulate_grad` since the last :meth:`zero_grad`
+        (torch's ``.grad``), or ``None``: what ``step()`` with no argument uses.
+
+        Assigning replaces them -- e.g. with clipped ones (``groupopt.compat.clip_grad_norm_(opt,
+        1.0)`` does this); ``None`` forgets them. While some are held, the new tree must have
+        the same structure, shapes and dtypes (checked before anything changes).
+        """
+        return self._grad_acc
+
+    @accumulated_grads.setter
+    def accumulated_grads(self, grads) -> None:
+        old = self._grad_acc
+        if grads is not None and old is not None:
+            spec = lambda t: jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), t)  # noqa: E731
+            if jax.tree.structure(grads) != jax.tree.structure(old) or spec(grads) != spec(old):
+                raise ValueError(
+                    "accumulated_grads: the new gradients must have the structure, shapes and dtypes of the "
+                    f"accumulated ones ({jax.tree.structure(old)}); got {jax.tree.structure(grads)}"
+                )
+        self._grad_acc = grads
 
     def _structure(self):
         rules = []
@@ -404,10 +451,10 @@ class Optimizer(StateDictMixin):
             self.num_compiles += 1  # runs once per trace, i.e. per compilation
             # a member without a gradient (None) is skipped, as torch skips p.grad is None
             idx = binding.grad_indices(grads, members, allow_missing=True)
-            leaves = jax.tree.leaves(grads, is_leaf=_is_variable)
+            leaves = jax.tree.leaves(grads, is_leaf=_is_leaf)
             leaves = [x.get_value() if _is_variable(x) else x for x in leaves]
             sel = [None if i is None else leaves[i] for i in idx]
-            check_grads(names, sel, values, where="step(grads)")
+            check_grads(names, sel, values, where="step(grads)", rules=[rules[g] for g, ix in enumerate(index_lists) for _ in ix])
             new_values, new_groups = step_groups(rules, hparams, groups_state, index_lists, sel, values, shardings)
             return new_values, new_groups, count + 1
 
@@ -492,7 +539,8 @@ class Optimizer(StateDictMixin):
                 values = self._binding.get(group["params"])
                 sh = self._shardings_for(group["params"], values)
                 sh = [v.sharding for v in values] if sh is None else [t for t, _ in sh]
-                slots = {n: tuple(jax.device_put(x, t) if t is not None else x for x, t in zip(arrs, sh)) for n, arrs in gs.slots.items()}
+                slots = {n: tuple(jax.device_put(x, fit(t, x.shape)) if t is not None else x for x, t in zip(arrs, sh))
+                         for n, arrs in gs.slots.items()}
                 new_states.append(gs._replace(slots=slots))
         except Exception:
             self._state_sharding = old
@@ -523,15 +571,20 @@ class Optimizer(StateDictMixin):
 
         Extension point: a subclass may add entries torch has that the core does not count as
         state (Adagrad's eager state before the first step)."""
-        return self._entry_from(self._rules[gi], self._member_state(gi, k))
+        return self._entry_from(self._rules[gi], self._member_state(gi, k), self._shape_of(self._layout_members[gi][k]))
+
+    def _shape_of(self, member) -> tuple:
+        return tuple(self._binding.get([member])[0].shape)
 
     @staticmethod
-    def _entry_from(rule: Rule, member_state) -> dict:
+    def _entry_from(rule: Rule, member_state, shape=None) -> dict:
+        """torch's entry from ``(step, scalars, slots)``: the slots a parameter of ``shape`` has
+        (:meth:`Rule.slot_shapes`; ``None``: every slot)."""
         step, scalars, slots = member_state
         entry = rule.torch_scalars(step, scalars)
         if entry is None:
             return {}
-        for name in rule.slot_names():
+        for name in (rule.slot_names() if shape is None else rule.slot_shapes(shape)):
             entry[name] = slots[name]
         return entry
 
@@ -595,15 +648,15 @@ class Optimizer(StateDictMixin):
             return self._param_state(*pos)
         rec = self._records.get(param)
         if rec is not None and rec.detached is not None:
-            return self._entry_from(*rec.detached)
+            return self._entry_from(*rec.detached, self._shape_of(param))
         return {}
 
     def _managed_keys(self, param) -> tuple:
         pos = self._where.get(id(param))
         if pos is not None:
-            return self._rules[pos[0]].torch_state_keys()
+            return self._rules[pos[0]].torch_keys_for(self._shape_of(param))
         rec = self._records.get(param)
-        return rec.detached[0].torch_state_keys() if rec is not None and rec.detached is not None else ()
+        return rec.detached[0].torch_keys_for(self._shape_of(param)) if rec is not None and rec.detached is not None else ()
 
     def _set_torch_entry(self, param, key, value) -> None:
         """``state[p][key] = value`` for an optimizer key: validated like a loaded entry, then applied."""

@@ -28,7 +28,8 @@ import jax
 import numpy as np
 
 from ..engine import GroupState
-from ..optimizers.base import Rule
+from ..optimizers.base import Rule, slot_zeros
+from ..sharding import fit
 from . import hooks
 from .param_state import copy_user_value, to_numpy as _to_numpy
 from .validation import check_saved_groups
@@ -64,7 +65,8 @@ class StateDictMixin:
             packed = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
             ids = []
             for k, m in enumerate(group["params"]):
-                s = {n: np.array(v, copy=True) for n, v in self._param_state(gi, k).items()}
+                # arrays as numpy copies; Python numbers (SparseAdam's int step) as they are, like torch
+                s = {n: copy_user_value(v) for n, v in self._param_state(gi, k).items()}
                 s.update({n: copy_user_value(v) for n, v in self._records.extra(m).items() if n not in s})
                 if s:
                     state[index] = s
@@ -91,7 +93,8 @@ class StateDictMixin:
     def _entry_state(self, rule: Rule, entry: dict, value, idx, where: str):
         """Validate one saved per-parameter entry and turn it into ``(step, scalars, slots)``."""
         entry = {n: _to_numpy(v) for n, v in entry.items()}
-        missing = sorted(set(rule.torch_state_keys()) - set(entry))
+        shapes = rule.slot_shapes(tuple(value.shape))  # state may be shaped unlike the parameter (Adafactor)
+        missing = sorted(set(rule.torch_keys_for(tuple(value.shape))) - set(entry))
         if missing:
             raise ValueError(
                 f"{where}: saved state of parameter {idx} lacks {missing} (has {sorted(entry)}); "
@@ -102,16 +105,22 @@ class StateDictMixin:
         except (TypeError, ValueError) as e:  # e.g. a 'step' that is not a scalar
             raise ValueError(f"{where}: scalar state of parameter {idx} is invalid ({e})") from None
         slots = {}
+        sharding = getattr(value, "sharding", None)
         for n in rule.slot_names():
+            if n not in shapes:  # absent for this parameter: the engine's placeholder
+                slots[n] = slot_zeros(value, None)
+                continue
             arr = entry[n]
-            if tuple(arr.shape) != tuple(value.shape):
+            if tuple(arr.shape) != tuple(shapes[n]):
+                what = "the parameter has shape" if tuple(shapes[n]) == tuple(value.shape) else \
+                    f"a parameter of shape {tuple(value.shape)} needs"
                 raise ValueError(
                     f"{where}: state {n!r} of parameter {idx} has shape {tuple(arr.shape)}, "
-                    f"but the parameter has shape {tuple(value.shape)}"
+                    f"but {what} {tuple(shapes[n])}"
                 )
             if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.complexfloating):
                 raise ValueError(f"{where}: state {n!r} of parameter {idx} has dtype {arr.dtype}, expected floating")
-            slots[n] = jax.device_put(arr.astype(value.dtype), getattr(value, "sharding", None))
+            slots[n] = jax.device_put(arr.astype(value.dtype), fit(sharding, arr.shape))
         return step, scalars, slots
 
     def _saved_names(self, state_dict: dict) -> dict | None:
@@ -161,7 +170,7 @@ class StateDictMixin:
             values = self._binding.get(group["params"])
             members = []
             for k, idx in enumerate(saved["params"]):
-                entry, extra = self._split_entry(rule, saved_state.get(idx, saved_state.get(str(idx))))
+                entry, extra = self._split_entry(rule, saved_state.get(idx, saved_state.get(str(idx))), values[k].shape)
                 members.append(None if not entry else self._entry_state(rule, entry, values[k], idx, where))
                 loaded[id(group["params"][k])] = (entry, extra)
             new_states.append(self._group_from_members(rule, merged, values, members, where))
@@ -188,11 +197,13 @@ class StateDictMixin:
             members = []
             for k, name in enumerate(ours[gi]):
                 idx = index_of.get(name)
-                entry, extra = self._split_entry(rule, None if idx is None else saved_state.get(idx, saved_state.get(str(idx))))
+                entry, extra = self._split_entry(rule, None if idx is None else saved_state.get(idx, saved_state.get(str(idx))),
+                                                 values[k].shape)
                 loaded[id(group["params"][k])] = (entry, extra)
                 if entry:
+                    want = rule.slot_shapes(tuple(values[k].shape))
                     shapes = {n: tuple(np.shape(_to_numpy(entry[n]))) for n in rule.slot_names() if n in entry}
-                    if any(s != tuple(values[k].shape) for s in shapes.values()):
+                    if any(n not in want or s != tuple(want[n]) for n, s in shapes.items()):
                         mismatched.append(f"{name}: saved {sorted(set(shapes.values()))[0]}, now {tuple(values[k].shape)}")
                         entry = None
                         loaded[id(group["params"][k])] = ({}, extra)
@@ -223,11 +234,11 @@ class StateDictMixin:
         self._commit_groups(new_groups, new_rules, new_states, loaded)
         return LoadReport(missing, unexpected, mismatched)
 
-    def _split_entry(self, rule: Rule, entry):
-        """A saved per-parameter entry -> (the optimizer's entries, the user's own entries)."""
+    def _split_entry(self, rule: Rule, entry, shape):
+        """A saved per-parameter entry of a parameter of ``shape`` -> (the optimizer's entries, the user's own)."""
         if not entry:
             return {}, {}
-        keys = set(rule.torch_state_keys())
+        keys = set(rule.torch_keys_for(tuple(shape)))
         managed = {k: v for k, v in entry.items() if k in keys}
         extra = {k: copy_user_value(v) for k, v in entry.items() if k not in keys}
         return managed, extra

@@ -39,6 +39,11 @@ class AdamRule(Rule):
     def slot_names(self):
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if self.amsgrad else ())
 
+    def grad_error(self, grad):
+        # torch's AdamW inherits Adam's check, message included
+        msg = super().grad_error(grad)
+        return msg and "Adam does not support sparse gradients, please consider SparseAdam instead"
+
     def prepare(self, hp, step, scalars):
         lr, (b1, b2), wd = hp["lr"], hp["betas"], hp["weight_decay"]
         bc1 = 1 - b1**step

@@ -27,7 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Rule", "hparam_dtype", "lerp", "sign", "stored", "torch_scalar", "torch_scalar_dtype"]
+from ..grad_checks import is_sparse
+
+__all__ = ["ABSENT_SHAPE", "Rule", "hparam_dtype", "lerp", "sign", "slot_zeros", "stored", "torch_scalar", "torch_scalar_dtype"]
+
+ABSENT_SHAPE = (0,)
+"""Shape of the empty placeholder the engine keeps for a slot that a parameter does not have
+(see :meth:`Rule.slot_shapes`): every member of a group holds every slot name."""
 
 
 def hparam_dtype():
@@ -56,6 +62,21 @@ def torch_scalar(x):
     if dt == np.float64 and not jax.config.jax_enable_x64:
         return np.asarray(x, np.float64)
     return jnp.asarray(x, dt)
+
+
+def slot_zeros(param, shape):
+    """Zeros of ``param``'s dtype: shaped and placed like ``param`` when ``shape`` is its shape, else of
+    ``shape`` (``None``: the empty placeholder of an absent slot) on ``param``'s sharding fit to it."""
+    if shape is not None and tuple(shape) == tuple(param.shape):
+        return jnp.zeros_like(param)
+    shape = ABSENT_SHAPE if shape is None else tuple(shape)
+    out = jnp.zeros(shape, param.dtype)
+    sharding = None if isinstance(param, jax.core.Tracer) else getattr(param, "sharding", None)
+    if sharding is not None:
+        from ..sharding import fit
+
+        out = jax.device_put(out, fit(sharding, shape))
+    return out
 
 
 def lerp(start, end, weight):
@@ -91,6 +112,16 @@ class Rule:
 
     name: ClassVar[str] = "Rule"
     hyperparams: ClassVar[dict[str, Any]] = {}
+    #: False: :meth:`apply` receives its coefficients in the hyperparameter dtype and casts them
+    #: itself (Muon: a shape-dependent lr ratio applied in double, as torch does in Python).
+    cast_coefs: ClassVar[bool] = True
+    #: True: the rule updates its group as a whole (an Optax transformation over the group's tree):
+    #: the engine calls :meth:`init_members` / :meth:`update_members` instead of the per-leaf
+    #: ``init_slots``/``init_scalars``/``prepare``/``apply``.
+    whole_group: ClassVar[bool] = False
+    #: Hyperparameters and options whose values the rule instance itself carries (the arguments
+    #: given to :func:`groupopt.optax_rule`): ``grouped(...)``'s shared defaults do not override them.
+    bound_keys: ClassVar[frozenset] = frozenset()
 
     # -- structure -------------------------------------------------------
     def specialize(self, hparams: dict) -> "Rule":
@@ -101,13 +132,44 @@ class Rule:
         """Names of the per-leaf state arrays (torch's per-parameter state keys)."""
         return ()
 
+    def slot_shapes(self, shape: tuple) -> dict[str, tuple]:
+        """The per-leaf state a parameter of ``shape`` has: ``{slot name: its shape}``, in torch's key order.
+
+        Default: every slot of :meth:`slot_names`, shaped like the parameter. A rule whose state
+        is not shaped like its parameter overrides this (Adafactor: ``row_var`` ``(..., m, 1)`` and
+        ``col_var`` ``(..., 1, n)`` for a matrix, ``variance`` for a vector). A slot of
+        :meth:`slot_names` missing here is absent for such a parameter: the engine keeps an empty
+        placeholder (shape :data:`ABSENT_SHAPE`) in its place, which torch's state never shows.
+        Everything else (state_dict checks, ``opt.state[p][key] = v``, placement, checkpoints)
+        follows these shapes.
+        """
+        return {name: tuple(shape) for name in self.slot_names()}
+
+    def torch_keys_for(self, shape: tuple) -> tuple[str, ...]:
+        """Keys of torch's per-parameter entry for a parameter of ``shape`` (:meth:`torch_state_keys`
+        with only the slots :meth:`slot_shapes` gives it)."""
+        slots = self.slot_names()
+        return tuple(k for k in self.torch_state_keys() if k not in slots) + tuple(self.slot_shapes(tuple(shape)))
+
     def init_slots(self, param, hparams: dict) -> dict[str, jax.Array]:
-        """Per-leaf state for ``param``, shaped, typed and placed like it."""
-        return {name: jnp.zeros_like(param) for name in self.slot_names()}
+        """Per-leaf state for ``param``: typed like it, shaped by :meth:`slot_shapes` and placed like it
+        (a slot of another shape gets the parameter's sharding :func:`~groupopt.sharding.fit` to it)."""
+        shapes = self.slot_shapes(tuple(param.shape))
+        return {name: slot_zeros(param, shapes.get(name)) for name in self.slot_names()}
 
     def init_scalars(self, hparams: dict) -> dict[str, jax.Array]:
         """Per-group scalar state besides the step count (e.g. NAdam's ``mu_product``)."""
         return {}
+
+    def grad_error(self, grad) -> str | None:
+        """Why this rule refuses ``grad`` (torch's message, raised as a ``RuntimeError`` when the step
+        is traced, before anything changes), or None when it takes it.
+
+        Default: dense gradients are taken; a sparse one (a ``jax.experimental.sparse`` BCOO, see
+        :func:`groupopt.sparse_rows`) is refused with torch's ``"<Name> does not support sparse
+        gradients"``. A rule that takes sparse gradients (:class:`groupopt.SparseAdamRule`) overrides this.
+        """
+        return f"{self.name} does not support sparse gradients" if is_sparse(grad) else None
 
     def counts_steps(self) -> bool:
         """Whether torch keeps a ``step`` entry in this optimizer's per-parameter state."""
@@ -139,6 +201,16 @@ class Rule:
 
     def apply(self, grad, param, slots: dict, coef: dict):
         """Once per leaf: return ``(new_param, new_slots)``."""
+        raise NotImplementedError
+
+    # -- whole-group rules (``whole_group = True``) ------------------------------
+    def init_members(self, hparams: dict, leaves, shardings=None):
+        """A whole-group rule's initial ``GroupState`` for its member ``leaves`` (member order)."""
+        raise NotImplementedError
+
+    def update_members(self, hparams: dict, gstate, grads, params, shardings=None, name: str = ""):
+        """A whole-group rule's step over all members at once: ``(new_params, new_group_state)``,
+        with :func:`groupopt.engine.update_group`'s arguments."""
         raise NotImplementedError
 
     def options(self) -> dict[str, Any]:

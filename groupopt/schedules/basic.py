@@ -416,5 +416,22 @@ def cosine_warm_restarts(value: float, T_0: int, T_mult: int = 1, eta_min: float
 
 
 def lambda_(value: float, fn: Callable) -> Schedule:
-    """torch ``LambdaLR``: ``value * fn(t)``; ``fn`` must be jit-able to use it inside the step."""
-    return _scaled(value, fn)
+    """torch ``LambdaLR``: ``value * fn(t)``; ``fn`` must be jit-able to use it inside the step.
+
+    torch calls ``fn`` with a Python int and computes in Python floats (float64). Inside
+    ``jit`` with x64 enabled, ``fn`` therefore receives the count as a **float64** array
+    holding an integer, so that a ported lambda (``lambda e: 0.1 * e``, ``e / 10``)
+    computes in float64 as in torch, not in the float32 that JAX gives integer arrays
+    (``0.30000001`` instead of ``0.3``). Without x64 it receives the integer count. On the
+    host (a Python int, the compat ``LambdaLR``) ``fn`` gets the int as in torch.
+    """
+    def schedule(t):
+        if not _traced(t):
+            return value * fn(t)
+        if _float_dtype() == jnp.float64 and jnp.issubdtype(jnp.asarray(t).dtype, jnp.integer):
+            t = jnp.asarray(t).astype(jnp.float64)
+        # the barrier keeps XLA from folding ``value`` into fn's constants ((c * t) * value -> (c * value) * t),
+        # which would round differently from torch's ``base_lr * lmbda(epoch)``
+        return value * jax.lax.optimization_barrier(jnp.asarray(fn(t)))
+
+    return schedule
