@@ -257,3 +257,29 @@ def test_load_state_dict_with_bad_state_is_all_or_nothing():
     twin_opt.step(mse_grad(twin, X, Y))
     for (p, a), (_, b) in zip(nnx_params(m), nnx_params(twin)):
         assert np.array_equal(np.asarray(a.get_value()), np.asarray(b.get_value())), p
+
+
+def test_foreign_group_keys_cover_all_15_torch_optimizers():
+    """A state_dict from another optimizer is refused by its keys: the list of torch's keys is
+    every key torch 2.13's optimizers put in their defaults (computed from torch here)."""
+    from groupopt.compat.validation import TORCH_OPTIMIZER_KEYS
+
+    names = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam", "Rprop", "ASGD",
+             "LBFGS", "Adafactor", "Muon", "SparseAdam"]
+    keys = set()
+    for n in names:
+        keys |= set(getattr(torch.optim, n)([torch.nn.Parameter(torch.zeros(2, 2))]).defaults)
+    assert TORCH_OPTIMIZER_KEYS == keys
+    # a Muon checkpoint loaded into AdamW (same params) is refused, naming Muon's keys
+    class M(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.arange(4.0).reshape(2, 2))
+
+    m = M()
+    muon = optim.Muon(m, lr=0.02)
+    muon.step(nnx.grad(lambda m: jnp.sum(jnp.sin(m.w[...])))(m))
+    adamw = optim.AdamW(M())
+    before = adamw.state_dict()
+    with pytest.raises(ValueError, match="ns_coefficients"):
+        adamw.load_state_dict(muon.state_dict())
+    assert str(adamw.state_dict()) == str(before)

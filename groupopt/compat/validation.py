@@ -21,13 +21,14 @@ __all__ = [
     "TORCH_OPTIMIZER_KEYS",
 ]
 
-# Every key torch 2.13's built-in optimizers put in their defaults (TORCH_SEMANTICS §1.2).
+# Every key torch 2.13's 15 built-in optimizers put in their defaults (TORCH_SEMANTICS §1.2).
 TORCH_OPTIMIZER_KEYS = frozenset(
     {
         "lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "foreach", "differentiable",
         "fused", "betas", "eps", "amsgrad", "capturable", "decoupled_weight_decay", "alpha", "centered",
         "lr_decay", "initial_accumulator_value", "rho", "momentum_decay", "etas", "step_sizes", "lambd", "t0",
         "max_iter", "max_eval", "tolerance_grad", "tolerance_change", "history_size", "line_search_fn",
+        "beta2_decay", "d", "ns_coefficients", "ns_steps", "adjust_lr_fn",  # Adafactor, Muon
     }
 )
 
