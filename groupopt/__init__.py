@@ -17,6 +17,8 @@ Functional core (pure Optax):
   rule, its numeric hyperparameters in the state like every group's.
 * :func:`clip_grad_norm`, :func:`clip_grad_norm_per_group`, :func:`clip_grad_value` --
   torch-exact gradient clipping as transformations (:mod:`groupopt.clipping`).
+* :func:`get_hyperparams`, :func:`set_hyperparams`, :func:`hyperparams_for_logging` -- a group's
+  hyperparameters by name through any Optax wrapper, a TrainState or an ``nnx.Optimizer``, in or out of ``jit``.
 * :func:`layerwise_decay`, :func:`freeze_first` -- per-slice (per-layer)
   hyperparameter vectors for stacked parameters (:mod:`groupopt.slices`).
 
@@ -29,7 +31,7 @@ from .accumulation import accumulate
 from .plateau import reduce_on_plateau
 from .report import report
 from .slices import freeze_first, layerwise_decay
-from .groups import ALL, GroupPlan, partition, rest
+from .groups import ALL, GroupPlan, named_parameters, of_type, partition, rest
 from .optimizers.adam import AdamRule, AdamWRule, adam, adamw
 from .optimizers.base import Rule
 from .optimizers.optax_rule import OptaxRule, optax_rule
@@ -49,6 +51,7 @@ from .optimizers.sparse_adam import SparseAdamRule, sparse_adam, sparse_rows, sp
 from .transform import Group, GroupConfig, GroupedState, GroupedTransformation, GroupState, group, grouped
 from .clipping import ClipGradNormState, clip_grad_norm, clip_grad_norm_per_group, clip_grad_value
 from .overrides import Override, override
+from .hyperparam_access import GroupInfo, get_hyperparams, grouped_state, hyperparams_for_logging, set_hyperparams
 
 __version__ = "0.1.0"
 
@@ -68,3 +71,5 @@ __all__ = [
     "override", "Override",
 ]
 __all__ += ["averaging"]
+__all__ += ["of_type", "named_parameters"]
+__all__ += ["get_hyperparams", "set_hyperparams", "hyperparams_for_logging", "grouped_state", "GroupInfo"]

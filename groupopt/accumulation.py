@@ -29,6 +29,17 @@ transformation has one (a grouped transformation): the parameters are returned
 unchanged on the accumulating calls. ``tx.has_updated(state)`` says whether
 the last call applied an update.
 
+Relation to ``optax.MultiSteps``: with summed gradients and one accumulator
+dtype, the numbers are MultiSteps' bit for bit (``accumulate(tx, k)`` equals
+``optax.MultiSteps(tx, k, use_grad_mean=False, accumulator_dtype=...)``; tested).
+What this module keeps is what MultiSteps does not do: the running sum in each
+gradient leaf's own dtype (MultiSteps casts every leaf to one dtype, float32 by
+default, and before optax 0.2.8 it has no ``accumulator_dtype``); ``average=True`` as
+the sum divided by ``k`` (MultiSteps' running mean rounds differently); the
+exact ``apply`` form; the inner update skipped on the accumulating calls
+(MultiSteps computes it at every call and discards it); the grouped
+transformation's ``hyperparams`` / ``set_hyperparams`` / ``plan`` passed through.
+
 Compat (torch-shaped) loop: :class:`groupopt.compat.Optimizer` sums what
 :meth:`~groupopt.compat.Optimizer.accumulate_grad` receives until
 ``zero_grad()``, like ``.grad``::

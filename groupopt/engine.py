@@ -66,11 +66,26 @@ class GroupedState(NamedTuple):
       count: number of updates applied (the argument of schedules).
       hyperparams: per group, ``{name: array}`` of current hyperparameters.
       groups: per group, a :class:`GroupState` (empty for frozen groups).
+      info: static description of the groups (their names, ...:
+        :class:`groupopt.hyperparam_access.GroupInfo`), or ``None``. It is pytree
+        metadata, not a leaf: no arrays, never traced; it lets
+        :func:`groupopt.get_hyperparams` find a group by name in any state.
     """
 
     count: jax.Array
     hyperparams: tuple
     groups: tuple
+    info: object = None
+
+
+# the three array fields are children (key paths as for a plain NamedTuple); ``info`` is static
+jax.tree_util.register_pytree_with_keys(
+    GroupedState,
+    lambda s: (((jax.tree_util.GetAttrKey("count"), s.count), (jax.tree_util.GetAttrKey("hyperparams"), s.hyperparams),
+                (jax.tree_util.GetAttrKey("groups"), s.groups)), s.info),
+    lambda info, children: GroupedState(*children, info),
+    flatten_func=lambda s: ((s.count, s.hyperparams, s.groups), s.info),
+)
 
 
 def _place(x, sharding):

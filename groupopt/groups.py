@@ -17,7 +17,15 @@ Selectors (what a group's ``select`` / torch-style ``"params"`` may be):
 * a compiled regex (``re.compile``), ``fullmatch``-ed against each leaf path.
 * a predicate ``(path: str, leaf) -> bool``.
 * :func:`rest` -- every leaf no other group selects.
+* :func:`of_type` (or an NNX Module class itself, ``nnx.LayerNorm``) -- every
+  ``nnx.Param`` of every submodule of that type, as torch users select with
+  ``isinstance(module, nn.LayerNorm)``. Needs the model itself as the tree (or
+  ``model=``), since ``nnx.state`` does not record module types.
 * a list/tuple of any of these (their union).
+
+:func:`named_parameters` lists ``(path, Variable)`` pairs, torch's
+``model.named_parameters()`` with the NNX paths every selector, ``state_dict``
+and error message of groupopt uses (``"blocks/0/attn/query/kernel"``).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import jax
 from .grad_checks import is_sparse
 
 __all__ = ["ALL", "AllSelector", "GroupPlan", "rest", "path_str", "flatten_with_paths", "partition", "is_module",
-           "is_variable", "is_leaf", "matcher"]
+           "is_variable", "is_leaf", "matcher", "of_type", "named_parameters", "OfTypeSelector"]
 
 
 class _All:
@@ -54,28 +62,77 @@ def rest() -> _Rest:
     return _Rest()
 
 
-def _key_str(key) -> str:
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
+@dataclasses.dataclass(frozen=True)
+class _OfType:
+    types: tuple
+
+    def __repr__(self):
+        return "of_type(" + ", ".join(t.__name__ for t in self.types) + ")"
+
+
+def of_type(*types) -> _OfType:
+    """Selector: every ``nnx.Param`` of every submodule that is an instance of one of ``types``.
+
+    torch users write ``[p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]``;
+    here ``groupopt.group(groupopt.of_type(nnx.LayerNorm, nnx.Embed), weight_decay=0.0)``. A module class
+    given directly as a selector (``group(nnx.LayerNorm, ...)``) means the same. Subclasses match
+    (``isinstance``); a matched module's Params include those of its submodules.
+
+    Module types are not recorded in ``nnx.state``: the selector needs the model itself as the
+    parameter tree (``grouped(model, ...)``, ``partition(model, ...)``, a compat optimizer given the
+    module or ``model=``); with a State or arrays it raises ``TypeError``.
+    """
+    module = _nnx_classes()[1]
+    if not types:
+        raise TypeError("of_type() needs at least one NNX Module class, e.g. of_type(nnx.LayerNorm)")
+    for t in types:
+        if not (isinstance(t, type) and issubclass(t, module)):
+            raise TypeError(f"of_type() takes NNX Module classes (nnx.LayerNorm, ...), got {t!r}")
+    return _OfType(tuple(types))
+
+
+def named_parameters(model, filter=None) -> list[tuple[str, Any]]:
+    """``(path, Variable)`` for every ``nnx.Param`` of ``model`` (or every Variable passing ``filter``,
+    an ``nnx`` filter such as ``nnx.BatchStat``), torch's ``model.named_parameters()``.
+
+    Names are NNX paths joined with ``/`` (``"encoder/layers/0/kernel"``), in ``nnx.state``'s
+    order: the names that selectors match, that compat optimizers put in ``state_dict``'s
+    ``param_names`` and that errors report. A compat optimizer takes the pairs as torch's take
+    named parameters (``optim.AdamW(groupopt.named_parameters(model))``). For torch's dotted
+    names and layouts see :func:`groupopt.compat.torch_name_table`. Returns a list (torch returns
+    an iterator): filter it with comprehensions as in torch.
+    """
+    from flax import nnx
+
+    if not _is_module(model):
+        raise TypeError(f"named_parameters() takes an NNX Module, got {type(model).__name__}")
+    paths, leaves, _ = flatten_with_paths(nnx.state(model, nnx.Param if filter is None else filter))
+    return list(zip(paths, leaves))
+
+
+def _type_paths(root, types) -> set:
+    """Paths (from ``root``) of the Params of every submodule of ``root`` that is an instance of ``types``."""
+    from flax import nnx
+
+    ids = set()
+    for _, node in nnx.iter_graph(root):
+        if isinstance(node, types):
+            ids.update(id(v) for v in jax.tree.leaves(nnx.state(node, nnx.Param), is_leaf=_is_variable))
+    paths, leaves, _ = flatten_with_paths(as_param_tree(root))
+    return {p for p, v in zip(paths, leaves) if id(v) in ids}
 
 
 def path_str(keypath) -> str:
-    """Render a jax key path as ``"a/b/kernel"``.
+    """Render a jax key path as ``"a/b/kernel"`` (``jax.tree_util.keystr(..., simple=True, separator="/")``:
+    dict keys, attribute names, sequence and flattened indices, joined by ``/``).
 
     The trailing ``.value`` attribute that NNX Variables add is dropped, so the
     path of a Variable and of its array are the same.
     """
-    parts = [_key_str(k) for k in keypath]
-    if parts and parts[-1] == "value" and isinstance(keypath[-1], jax.tree_util.GetAttrKey):
-        parts = parts[:-1]
-    return "/".join(parts)
+    keypath = tuple(keypath)
+    if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and keypath[-1].name == "value":
+        keypath = keypath[:-1]
+    return jax.tree_util.keystr(keypath, simple=True, separator="/")
 
 
 def _nnx_classes():
@@ -164,13 +221,32 @@ def _describe(selector) -> str:
         return f"re.compile({selector.pattern!r})"
     if _is_module(selector) or _is_variable(selector):
         return type(selector).__name__
+    if _is_module_class(selector):
+        return f"of_type({selector.__name__})"
     if isinstance(selector, (list, tuple)):
         return "[" + ", ".join(_describe(s) for s in selector) + "]"
     return getattr(selector, "__name__", repr(selector))
 
 
-def _matcher(selector, paths, leaves) -> Callable[[int], bool] | None:
-    """Return a function leaf_index -> bool, or None for a rest() selector."""
+def _is_module_class(x) -> bool:
+    return isinstance(x, type) and issubclass(x, _nnx_classes()[1])
+
+
+def _matcher(selector, paths, leaves, root=None) -> Callable[[int], bool] | None:
+    """Return a function leaf_index -> bool, or None for a rest() selector.
+
+    ``root``: the NNX module the tree was taken from, for :func:`of_type` selectors.
+    """
+    if _is_module_class(selector):
+        selector = _OfType((selector,))
+    if isinstance(selector, _OfType):
+        if not _is_module(root):
+            raise TypeError(
+                f"{selector!r} selects by module type, which needs the model: pass the NNX module itself "
+                "(not nnx.state(model) or arrays) as the parameter tree, or model=<root module>"
+            )
+        want = _type_paths(root, selector.types)
+        return lambda i: paths[i] in want
     if selector is None or isinstance(selector, _All):
         return lambda i: True
     if isinstance(selector, _Rest):
@@ -189,7 +265,7 @@ def _matcher(selector, paths, leaves) -> Callable[[int], bool] | None:
             )
         return lambda i: id(leaves[i]) in ids
     if isinstance(selector, (list, tuple)):
-        subs = [_matcher(s, paths, leaves) for s in selector]
+        subs = [_matcher(s, paths, leaves, root) for s in selector]
         if any(s is None for s in subs):
             raise TypeError("rest() cannot be combined with other selectors in a list")
         return lambda i: any(s(i) for s in subs)
@@ -260,10 +336,11 @@ def partition(params, selectors: Sequence[Any], names: Sequence[str] | None = No
     both groups' names). Leaves matched by no group are frozen (``leaf_group ==
     -1``), unless ``require_all``: then every unmatched leaf is listed in one error.
     """
+    root = params if _is_module(params) else None  # of_type selectors need the module types
     params = as_param_tree(params)
     paths, leaves, treedef = flatten_with_paths(params)
     names = [str(i) if names is None or names[i] is None else str(names[i]) for i in range(len(selectors))]
-    matchers = [_matcher(s, paths, leaves) for s in selectors]
+    matchers = [_matcher(s, paths, leaves, root) for s in selectors]
     rest_groups = [g for g, m in enumerate(matchers) if m is None]
     if len(rest_groups) > 1:
         raise ValueError(f"rest() is used by more than one group: {[names[g] for g in rest_groups]}")
@@ -299,6 +376,7 @@ def describe_selector(selector) -> str:
 
 # Public names for the other layers (compat): the same functions, without the underscore.
 AllSelector = _All
+OfTypeSelector = _OfType
 is_variable = _is_variable
 is_module = _is_module
 matcher = _matcher

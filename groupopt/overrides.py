@@ -47,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-from .groups import GroupPlan, as_param_tree, describe_selector, flatten_with_paths, matcher, partition
+from .groups import GroupPlan, as_param_tree, describe_selector, flatten_with_paths, matcher, partition, is_module
 
 __all__ = ["Override", "override", "SubGroup", "Resolution", "resolve"]
 
@@ -212,7 +212,7 @@ def resolve(params, selectors: Sequence[Any], names: Sequence[str], frozen: Sequ
     for k, ov in enumerate(overrides):
         where = f"override {k} ({onames[k]})"
         try:
-            m = matcher(ov.select, paths, leaves)
+            m = matcher(ov.select, paths, leaves, params if is_module(params) else None)
         except TypeError as e:
             raise TypeError(f"{where}: {e}") from None
         if m is None:

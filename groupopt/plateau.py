@@ -194,9 +194,15 @@ def reduce_on_plateau(
     Args:
       tx: a :class:`groupopt.GroupedTransformation` (e.g. ``groupopt.sgd(...)``,
         ``groupopt.grouped(...)``) whose groups have a numeric ``lr``.
-      mode, factor, patience, threshold, threshold_mode, cooldown, eps: torch's
-        ``ReduceLROnPlateau`` arguments, with its defaults and checks.
+      mode: ``"min"`` or ``"max"`` (torch's ``ReduceLROnPlateau`` argument, as are the next ones:
+        torch's defaults and checks).
+      factor: the lr is multiplied by it on a plateau (``< 1``).
+      patience: updates without improvement tolerated before a reduction.
+      threshold: the least change that counts as an improvement.
+      threshold_mode: ``"rel"`` or ``"abs"``.
+      cooldown: updates to wait after a reduction before counting again.
       min_lr: a lower bound for every group, or one per group (in ``tx.configs`` order).
+      eps: a reduction smaller than this is skipped.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state,

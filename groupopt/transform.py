@@ -22,6 +22,7 @@ import optax
 from . import hyperparams as hpmod
 from .engine import GroupedState, GroupState, check_per_slice, init_group_state, step_groups
 from .grad_checks import check_grad_paths, check_grads, check_trainable, is_sparse
+from . import hyperparam_access
 from .groups import ALL, GroupPlan, as_param_tree, partition, path_str
 from .optimizers.base import Rule
 from .optimizers.optax_rule import optax_rule
@@ -96,9 +97,11 @@ def _split_kwargs(rule_cls, kwargs: dict, where: str, strict: bool = True):
     hps = {k: v for k, v in kwargs.items() if k in rule_cls.hyperparams}
     unknown = [k for k in kwargs if k not in fields and k not in rule_cls.hyperparams]
     if unknown and strict:
+        # options a rule derives itself (SGD's use_momentum, metadata "derived") are not the user's to set
+        shown = sorted(f.name for f in dataclasses.fields(rule_cls) if not f.metadata.get("derived"))
         raise TypeError(
             f"{where}: {rule_cls.name} has no option or hyperparameter {unknown[0]!r} "
-            f"(hyperparameters: {list(rule_cls.hyperparams)}; options: {sorted(fields)})"
+            f"(hyperparameters: {list(rule_cls.hyperparams)}; options: {shown})"
         )
     return options, hps
 
@@ -163,10 +166,10 @@ def apply_groups(configs, plan: GroupPlan, state: GroupedState, grad_leaves, par
                 for c, stored in zip(configs, state.hyperparams))
     out, groups = step_groups([c.rule for c in configs], hps, state.groups, plan.members, grad_leaves,
                               param_leaves, shardings, [c.name for c in configs])
-    return out, GroupedState(state.count + 1, hps, groups)
+    return out, GroupedState(state.count + 1, hps, groups, state.info)
 
 
-def init_state(configs, plan: GroupPlan, param_leaves, shardings=None) -> GroupedState:
+def init_state(configs, plan: GroupPlan, param_leaves, shardings=None, info=None) -> GroupedState:
     rep = replicated(param_leaves)
     hps, groups = [], []
     for g, config in enumerate(configs):
@@ -174,7 +177,7 @@ def init_state(configs, plan: GroupPlan, param_leaves, shardings=None) -> Groupe
         hps.append(hp)
         sh = None if shardings is None else [shardings[i] for i in plan.members[g]]
         groups.append(init_group_state(config.rule, hp, [param_leaves[i] for i in plan.members[g]], sh))
-    return GroupedState(_place(jnp.zeros((), jnp.int32), rep), tuple(hps), tuple(groups))
+    return GroupedState(_place(jnp.zeros((), jnp.int32), rep), tuple(hps), tuple(groups), info)
 
 
 # --------------------------------------------------------------------------- transformation
@@ -216,8 +219,11 @@ class GroupedTransformation(optax.GradientTransformationExtraArgs):
       ``new_params - params`` for Optax compatibility, which can differ from
       it by an ulp).
     * ``set_hyperparams(state, group, **values)``: new state with some of a
-      group's hyperparameters replaced (no recompile).
-    * ``hyperparams(state)``: the current values, per group, as Python floats.
+      group's hyperparameters replaced (no recompile); ``state`` may hold this
+      transformation's state at any depth, and an ``nnx.Optimizer``'s
+      ``opt_state`` is edited in place (see :func:`groupopt.set_hyperparams`).
+    * ``hyperparams(state)``: the current values, per group, as Python floats
+      (on the host; inside ``jit`` use :func:`groupopt.get_hyperparams`).
     * ``configs`` and ``plan``: the resolved groups.
     * ``resolution``: how ``overrides`` split the groups
       (:class:`groupopt.overrides.Resolution`), or ``None``.
@@ -226,17 +232,6 @@ class GroupedTransformation(optax.GradientTransformationExtraArgs):
     configs: tuple
     plan: GroupPlan | None
     resolution: Any = None
-
-
-def _group_index(configs, group) -> int:
-    if isinstance(group, int):
-        if not 0 <= group < len(configs):
-            raise IndexError(f"group {group} out of range: there are {len(configs)} groups")
-        return group
-    for i, c in enumerate(configs):
-        if c.name == group:
-            return i
-    raise KeyError(f"no group named {group!r}; groups: {[c.name for c in configs]}")
 
 
 def _accepted(rule) -> set | None:
@@ -310,7 +305,7 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
     if overrides:
         if params is None:
             raise ValueError("overrides need the parameter tree to match against: pass params")
-        resolution = resolve_overrides(as_param_tree(params), [s.select for s in specs], names, [c.frozen for c in configs],
+        resolution = resolve_overrides(params, [s.select for s in specs], names, [c.frozen for c in configs],
                                        [s.hparams for s in specs], overrides, [_accepted(c.rule) for c in configs], require_all)
         configs = tuple(make_config(sg.name, rules[sg.base], defaults, sg.values, f"group {sg.base} ({sg.name})")
                         for sg in resolution.subgroups)
@@ -321,7 +316,7 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
         plan = None
     else:
         plan = resolution.plan if resolution is not None else partition(
-            as_param_tree(params), [s.select for s in specs], names, require_all=require_all)
+            params, [s.select for s in specs], names, require_all=require_all)  # a module: of_type selectors
         _, leaves, _ = _flat(as_param_tree(params))
         _check_trainable(configs, plan, leaves, "grouped(params)")
         for g, c in enumerate(configs):
@@ -340,11 +335,13 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
         _, sleaves, _ = _flat(as_param_tree(params))
         shardings = leaf_shardings(state_sharding, plan.paths, sleaves)
 
+    info = hyperparam_access.GroupInfo.from_configs(configs, resolution)  # names: static metadata of the state
+
     def init_fn(params):
         paths, leaves, _ = _flat(as_param_tree(params))
         p = plan_for(paths)
         _check_trainable(configs, p, leaves, "init(params)")
-        return init_state(configs, p, leaves, shardings)
+        return init_state(configs, p, leaves, shardings, info)
 
     def apply_fn(params, grads, state):
         ppaths, pleaves, ptreedef = _flat(as_param_tree(params))
@@ -366,17 +363,9 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
         deltas = [n - o for n, o in zip(new_leaves, pleaves)]
         return jax.tree_util.tree_unflatten(gtreedef, deltas), new_state
 
-    def set_hyperparams(state: GroupedState, group=0, **values) -> GroupedState:
-        # a group's name given with overrides reaches its sub-groups, except the keys an override fixed
-        targets = resolution.expand(group, values) if resolution is not None else None
-        hps = list(state.hyperparams)
-        for g, vals in targets if targets is not None else [(_group_index(configs, group), values)]:
-            where = f"group {g} ({configs[g].name})"
-            for k in vals:
-                if k in configs[g].spec and hpmod.has_schedule(configs[g].spec[k]):
-                    raise ValueError(f"{where}: {k} follows a schedule; it cannot be set by hand")
-            hps[g] = hpmod.replace(hps[g], vals, where)
-        return state._replace(hyperparams=tuple(hps))
+    def set_hyperparams(state, group=0, **values):
+        # by name or index, through any wrapper; Variables (nnx.Optimizer's opt_state) are edited in place
+        return hyperparam_access.set_hyperparams(state, group, tx=tx, **values)
 
     def read_hyperparams(state: GroupedState) -> list[dict]:
         def to_py(v):
@@ -387,7 +376,8 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
                 return a.copy()
             return float(str(a)) if a.dtype == np.float32 else float(a)  # float32: its shortest repr
 
-        return [{k: to_py(hp[k]) for k in c.spec} for c, hp in zip(configs, state.hyperparams)]
+        found = hyperparam_access.grouped_state(state, tx=tx)  # any nesting; Variables read out
+        return [{k: to_py(hp[k]) for k in c.spec} for c, hp in zip(configs, found.hyperparams)]
 
     tx = GroupedTransformation(init_fn, update_fn)
     tx.configs = configs

@@ -30,9 +30,11 @@ from .optimizer import LoadReport
 from .torch_interop import load_torch_checkpoint, to_numpy, to_torch
 from .clip_grad import clip_grad_norm, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from .param_groups import param_groups
+from .torch_models import Continued, TorchName, TorchStateDicts, continue_from_torch, to_torch_state_dicts, torch_name_table
 
 __all__ = ["LBFGS", "Muon", "SparseAdam", "NAdam", "RAdam", "Rprop", "ASGD", "RMSprop", "Adagrad", "Adadelta", "Adamax", "Optimizer", "required", "SGD", "Adam", "AdamW", "lr_scheduler", "to_torch", "to_numpy", "load_torch_checkpoint",
            "register_optimizer_step_pre_hook", "register_optimizer_step_post_hook", "LoadReport",
            "clip_grad_norm_", "clip_grad_norm", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_",
            "param_groups", "Adafactor"]
 __all__ += ["swa_utils"]
+__all__ += ["continue_from_torch", "to_torch_state_dicts", "torch_name_table", "TorchName", "Continued", "TorchStateDicts"]

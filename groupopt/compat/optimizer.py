@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..groups import ALL, is_leaf as _is_leaf, is_module as _is_module, is_variable as _is_variable
+from ..groups import ALL, OfTypeSelector, is_leaf as _is_leaf, is_module as _is_module, is_variable as _is_variable
 from ..optimizers.base import Rule, hparam_dtype
 from ..sharding import fit, replicated
 from ..grad_checks import check_grads, check_trainable, is_sparse as _is_sparse
@@ -43,6 +43,15 @@ from .params import NNXBinding, TreeBinding, TreeParam, is_nnx_state, is_tree, m
 
 __all__ = ["Optimizer", "required", "LoadReport"]
 
+
+def _current_trace():
+    """JAX's trace state, as flax compares it before writing into a Variable."""
+    from flax.nnx.tracers import current_jax_trace
+
+    return current_jax_trace()
+
+
+_HOST_TRACE = _current_trace()  # outside any transformation (this module is imported at the top level)
 
 _SCALAR_DONATION_WARNING = r"Some donated buffers were not usable: (?:(?:bool|[a-z]+\d+)\[\](?:, )?)+\.?\s"
 
@@ -151,7 +160,7 @@ class Optimizer(StateDictMixin):
             )
         elif isinstance(self._binding, TreeBinding) and not isinstance(params, (list, tuple)):
             items = [params]  # a selector or a sub-tree
-        elif isinstance(params, (str, jax.Array)) or callable(params) and not hasattr(params, "__iter__"):
+        elif isinstance(params, (str, jax.Array, OfTypeSelector)) or callable(params) and not hasattr(params, "__iter__"):
             items = [params]
         else:
             items = list(params)
@@ -486,6 +495,7 @@ class Optimizer(StateDictMixin):
                 return loss
         if not jax.tree.leaves(grads):
             return loss  # every gradient is None (a Variable holding None has no leaves): torch's step does nothing
+        self._refuse_traced(grads)
         self._sync_layout()
         rules = self._structure()
         hparams = tuple(self._host_hparams(g, f"param group {i}") for i, g in enumerate(self.param_groups))
@@ -502,6 +512,28 @@ class Optimizer(StateDictMixin):
         self._binding.set(members, new_values)
         self._groups_state = list(groups_state)
         return loss
+
+    def _refuse_traced(self, grads) -> None:
+        """``step`` is a host-side call that writes into the model: under ``nnx.jit``, ``jax.jit``,
+        ``jax.grad`` or ``vmap`` (a tracer among the gradients or the parameters) it would fail deep
+        in flax, or keep a tracer. Refused first, with the path that does work under a transformation."""
+        where = None
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(grads)):
+            where = "the gradients are tracers"
+        elif _current_trace() != _HOST_TRACE:
+            where = "the step is being traced"
+        else:
+            members = [m for ms in self._layout_members for m in ms]
+            if members and any(isinstance(x, jax.core.Tracer) for x in self._binding.get(members)):
+                where = "the parameters are tracers"
+        if where is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() was called under a JAX transformation (nnx.jit, jax.jit, "
+                f"jax.grad, vmap, ...): {where}. The compat optimizer's step runs on the host (it "
+                "jits its own update) and writes into the model, so call it outside the transformation. To "
+                "train inside a jitted step, use the functional core: tx = groupopt.grouped(model, groups, "
+                "rule=...) with tx.apply / tx.update, or nnx.Optimizer(model, tx, wrt=nnx.Param) inside "
+                "nnx.jit (see docs/nnx_optimizer.md). Nothing was changed.")
 
     def _unshare(self, values: list) -> None:
         """Parameter buffers are donated to the step (no second copy of the model in memory). A buffer

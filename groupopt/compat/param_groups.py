@@ -85,7 +85,7 @@ def param_groups(model, groups: Sequence[Group | dict] | None = None, overrides:
                 raise TypeError(f"group {i} ({names[i]}): {optimizer.__name__} has no group key {bad[0]!r} "
                                 f"(it takes {sorted(accepted)}; allow more with extra_keys=)")
     tree = as_param_tree(model)
-    res = resolve(tree, [s.select for s in specs], names, [s.frozen for s in specs], [s.hparams for s in specs],
+    res = resolve(model, [s.select for s in specs], names, [s.frozen for s in specs], [s.hparams for s in specs],
                   overrides, None if accepted is None else [accepted] * len(specs))
     paths, leaves, _ = flatten_with_paths(tree)
     first: dict[int, str] = {}

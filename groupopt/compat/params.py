@@ -45,7 +45,7 @@ import sys
 import jax
 
 from ..grad_checks import unknown_paths_error
-from ..groups import AllSelector as _All, as_param_tree, flatten_with_paths, is_module as _is_module, is_variable as _is_variable, matcher as _matcher
+from ..groups import AllSelector as _All, OfTypeSelector as _OfType, as_param_tree, flatten_with_paths, is_module as _is_module, is_variable as _is_variable, matcher as _matcher
 
 UID_KEY = "groupopt_uid"
 OWNER_KEY = "groupopt_owner"
@@ -69,7 +69,7 @@ def variable_uid(var) -> int:
 
 
 def _is_selector(x) -> bool:
-    return isinstance(x, (str, re.Pattern, _All)) or (callable(x) and not _is_module(x) and not _is_variable(x))
+    return isinstance(x, (str, re.Pattern, _All, _OfType)) or (callable(x) and not _is_module(x) and not _is_variable(x))
 
 
 class TreeParam:
@@ -165,7 +165,7 @@ class NNXBinding(Binding):
                     f"{where}: a path selector {value!r} needs the model: pass model=<root module> to the optimizer"
                 )
             paths, leaves = self._root
-            m = _matcher(value, paths, leaves)
+            m = _matcher(value, paths, leaves, self.root)
             return [leaves[i] for i in range(len(leaves)) if m(i)]
         hint = " (for a pytree of arrays, pass model=<the whole params tree>)" if isinstance(value, (dict, jax.Array)) else ""
         raise TypeError(f"optimizer can only optimize Tensors, but one of the params is {type(value).__name__}{hint}")

@@ -9,6 +9,9 @@ torch is optional at runtime: it is imported here only, inside the functions.
   tensor, as torch keeps it).
 * :func:`load_torch_checkpoint` reads a ``torch.save``d file with
   ``weights_only=True`` and returns numpy arrays.
+
+Without torch, each of them raises an ``ImportError`` that says how to install it
+(:func:`import_torch`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,30 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["to_torch", "to_numpy", "load_torch_checkpoint"]
+__all__ = ["to_torch", "to_numpy", "load_torch_checkpoint", "import_torch", "tensor_to_numpy", "TORCH_REQUIREMENT"]
+
+TORCH_REQUIREMENT = "torch==2.13.0"
+"""The torch these functions are tested with (the pin of the ``test`` extra; the CPU wheel is enough)."""
+
+
+def import_torch(what: str):
+    """``import torch`` for ``what`` (a function's name); without torch, an ``ImportError`` that says
+    what needs it and how to install it (instead of a bare ``ModuleNotFoundError``)."""
+    try:
+        import torch
+    except ImportError as e:  # not installed (or sys.modules["torch"] = None)
+        raise ImportError(
+            f"{what} needs PyTorch, which is not installed: pip install {TORCH_REQUIREMENT} "
+            f"(or pip install 'groupopt[test]', which pins it)"
+        ) from e
+    return torch
+
+
+def tensor_to_numpy(v):
+    """A torch tensor as a numpy copy (never aliasing the tensor's memory); anything else unchanged."""
+    if hasattr(v, "detach") and hasattr(v, "numpy"):
+        return v.detach().cpu().numpy().copy()
+    return v
 
 
 def _map_arrays(obj, fn):
@@ -39,7 +65,7 @@ def to_torch(state_dict: dict) -> dict:
     Arrays inside lists (LBFGS's ``old_dirs``, ``ro``, ...) are converted too;
     Python numbers and ``None`` stay as they are, as torch keeps them.
     """
-    import torch
+    torch = import_torch("to_torch")
 
     def conv(v):
         if isinstance(v, np.ndarray) or hasattr(v, "__array__") and not isinstance(v, (int, float, bool, str)):
@@ -60,13 +86,8 @@ def to_torch(state_dict: dict) -> dict:
 
 def to_numpy(state_dict: dict) -> dict:
     """A torch optimizer ``state_dict`` with its tensors turned into numpy arrays (a copy)."""
-
-    def conv(v):
-        if hasattr(v, "detach") and hasattr(v, "numpy"):
-            return v.detach().cpu().numpy().copy()
-        return v
-
-    return {"state": _map_arrays(state_dict["state"], conv), "param_groups": _map_arrays(state_dict["param_groups"], conv)}
+    return {"state": _map_arrays(state_dict["state"], tensor_to_numpy),
+            "param_groups": _map_arrays(state_dict["param_groups"], tensor_to_numpy)}
 
 
 def load_torch_checkpoint(path: str | os.PathLike, key: str | None = None) -> Any:
@@ -74,7 +95,7 @@ def load_torch_checkpoint(path: str | os.PathLike, key: str | None = None) -> An
 
     ``key`` picks one entry of a dict checkpoint (e.g. ``"optimizer"``).
     """
-    import torch
+    torch = import_torch("load_torch_checkpoint")
 
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if key is not None:
@@ -82,10 +103,4 @@ def load_torch_checkpoint(path: str | os.PathLike, key: str | None = None) -> An
             have = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
             raise KeyError(f"checkpoint {os.fspath(path)!r} has no entry {key!r} (it has {have})")
         obj = obj[key]
-
-    def conv(v):
-        if hasattr(v, "detach") and hasattr(v, "numpy"):
-            return v.detach().cpu().numpy().copy()
-        return v
-
-    return _map_arrays(obj, conv)
+    return _map_arrays(obj, tensor_to_numpy)

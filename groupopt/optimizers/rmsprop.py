@@ -41,7 +41,7 @@ class RMSpropRule(Rule):
 
     centered: bool = False
     maximize: bool = False
-    use_momentum: bool = False
+    use_momentum: bool = dataclasses.field(default=False, metadata={"derived": True})  # from momentum > 0 (specialize)
 
     name: ClassVar[str] = "RMSprop"
     hyperparams: ClassVar[dict] = {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0}

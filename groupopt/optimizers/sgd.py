@@ -35,7 +35,7 @@ class SGDRule(Rule):
 
     nesterov: bool = False
     maximize: bool = False
-    use_momentum: bool = True
+    use_momentum: bool = dataclasses.field(default=True, metadata={"derived": True})  # from momentum != 0 (specialize)
 
     name: ClassVar[str] = "SGD"
     hyperparams: ClassVar[dict] = {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0}
