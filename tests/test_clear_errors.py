@@ -22,12 +22,13 @@ def no_torch(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
 
 
-@pytest.mark.parametrize("call", ["to_torch", "load_torch_checkpoint"])
+@pytest.mark.parametrize("call", ["to_torch", "load_torch_checkpoint", "to_torch_state_dicts"])
 def test_torch_functions_without_torch_say_how_to_install_it(no_torch, call, tmp_path):
     model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
     opt = optim.Adam(model, lr=1e-3)
     opt.step(nnx.grad(lambda m: jnp.sum(m(jnp.ones((1, 2)))))(model))
-    args = {"to_torch": (opt.state_dict(),), "load_torch_checkpoint": (tmp_path / "ckpt.pt",)}[call]
+    args = {"to_torch": (opt.state_dict(),), "load_torch_checkpoint": (tmp_path / "ckpt.pt",),
+            "to_torch_state_dicts": (model, opt)}[call]
     with pytest.raises(ImportError, match=rf"{call} needs PyTorch, which is not installed: pip install torch==2\.13\.0"):
         getattr(optim, call)(*args)
     # everything that does not need torch still works: our own state dicts round-trip

@@ -33,7 +33,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from ..groups import flatten_with_paths
-from .torch_interop import to_torch
+from .torch_interop import import_torch, to_torch
 
 __all__ = ["TorchName", "torch_name_table", "continue_from_torch", "Continued", "to_torch_state_dicts",
            "TorchStateDicts"]
@@ -537,7 +537,7 @@ def to_torch_state_dicts(model, optimizer=None, scheduler=None, *, mapping: dict
         (missing/unexpected/shape) and its order is used. Recommended.
       mapping: see :func:`torch_name_table`.
     """
-    import torch
+    torch = import_torch("to_torch_state_dicts")
 
     table = torch_name_table(model, mapping)
     rows = [r for r in table if r.kind != "dropped"]
