@@ -26,3 +26,16 @@ def torch_float64_default():
         yield
     finally:
         torch.set_default_dtype(before)
+
+
+@pytest.fixture
+def reader_session(tmp_path, monkeypatch):
+    """A docs page as a reader runs it: x64 off (their default), a scratch working directory;
+    x64 restored afterwards."""
+    monkeypatch.chdir(tmp_path)
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    try:
+        yield tmp_path
+    finally:
+        jax.config.update("jax_enable_x64", before)

@@ -29,7 +29,6 @@ import io
 import re
 from pathlib import Path
 
-import jax
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,18 +128,6 @@ def run_page(page: str) -> dict:
             counts["outputs"] += 1
     counts["ns"] = namespaces.get("main", {})
     return counts
-
-
-@pytest.fixture
-def reader_session(tmp_path, monkeypatch):
-    """x64 off (a reader's default), a scratch working directory; x64 restored afterwards."""
-    monkeypatch.chdir(tmp_path)
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", False)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", before)
 
 
 @pytest.mark.parametrize("page", PAGES)

@@ -9,23 +9,11 @@ import math
 import re
 from pathlib import Path
 
-import jax
-import pytest
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "nnx_optimizer.md"
 
 
-@pytest.fixture
-def x64_off():
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", False)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", before)
-
-
-def test_every_block_of_the_page_runs(x64_off, capsys):
+def test_every_block_of_the_page_runs(reader_session, capsys):
     blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(), flags=re.S)
     assert len(blocks) >= 6
     ns: dict = {}

@@ -102,16 +102,16 @@ class Muon(Optimizer):
         return super()._numbers(group, where)
 
     def _structure(self):
-        # torch's step-time checks, in its order for each parameter: the gradient's rank, then (in
-        # the Newton-Schulz helper) ns_steps, then the number of coefficients
+        # torch's step-time checks on the group's values (for a group with parameters): ns_steps, then
+        # the number of coefficients. The rank check ("Param gradient must be a 2D matrix") is the
+        # rule's, raised while the step is traced (before anything changes): no per-step host work.
         for group in self.param_groups:
-            for value in self._binding.get(list(group["params"])):
-                if value.ndim != 2:
-                    raise ValueError("Param gradient must be a 2D matrix")
-                if group["ns_steps"] >= 100:
-                    raise ValueError("Number of steps must be less than 100 for computational efficiency")
-                if not _three(group["ns_coefficients"]):
-                    raise ValueError("Coefficients must be a tuple of exactly 3 values")
+            if not group["params"]:
+                continue
+            if group["ns_steps"] >= 100:
+                raise ValueError("Number of steps must be less than 100 for computational efficiency")
+            if not _three(group["ns_coefficients"]):
+                raise ValueError("Coefficients must be a tuple of exactly 3 values")
         return super()._structure()
 
 

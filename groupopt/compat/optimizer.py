@@ -493,9 +493,10 @@ class Optimizer(StateDictMixin):
             grads = self._grad_acc
             if grads is None:
                 return loss
-        if not jax.tree.leaves(grads):
+        grad_leaves = jax.tree.leaves(grads)
+        if not grad_leaves:
             return loss  # every gradient is None (a Variable holding None has no leaves): torch's step does nothing
-        self._refuse_traced(grads)
+        self._refuse_traced(grad_leaves)
         self._sync_layout()
         rules = self._structure()
         hparams = tuple(self._host_hparams(g, f"param group {i}") for i, g in enumerate(self.param_groups))
@@ -503,6 +504,7 @@ class Optimizer(StateDictMixin):
         members = [m for ms in self._layout_members for m in ms]
         fn = self._step_fn(rules, self._layout, members)
         values = self._binding.get(members)
+        self._refuse_traced(values, "the parameters are tracers")
         self._unshare(values)
         with warnings.catch_warnings():
             # when a group's step count turns per-member (skipped parameters), its old scalar
@@ -513,19 +515,16 @@ class Optimizer(StateDictMixin):
         self._groups_state = list(groups_state)
         return loss
 
-    def _refuse_traced(self, grads) -> None:
+    def _refuse_traced(self, leaves, what: str = "the gradients are tracers") -> None:
         """``step`` is a host-side call that writes into the model: under ``nnx.jit``, ``jax.jit``,
         ``jax.grad`` or ``vmap`` (a tracer among the gradients or the parameters) it would fail deep
-        in flax, or keep a tracer. Refused first, with the path that does work under a transformation."""
+        in flax, or keep a tracer. Refused first, with the path that does work under a transformation.
+        Called on the gradient leaves, then on the parameter values ``step`` reads anyway."""
         where = None
-        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(grads)):
-            where = "the gradients are tracers"
+        if any(isinstance(x, jax.core.Tracer) for x in leaves):
+            where = what
         elif _current_trace() != _HOST_TRACE:
             where = "the step is being traced"
-        else:
-            members = [m for ms in self._layout_members for m in ms]
-            if members and any(isinstance(x, jax.core.Tracer) for x in self._binding.get(members)):
-                where = "the parameters are tracers"
         if where is not None:
             raise RuntimeError(
                 f"{type(self).__name__}.step() was called under a JAX transformation (nnx.jit, jax.jit, "
