@@ -34,6 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import multihost
+from .sharding import replicated
+
 __all__ = ["Checkpointer", "save_state", "restore_state"]
 
 
@@ -86,11 +89,26 @@ def _decode(x):
     return x
 
 
-def _abstract(tree):
-    def one(x):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+def _free_sharding(leaves) -> jax.sharding.Sharding:
+    """Where a restored leaf with no placement of its own goes: replicated on the mesh of the other
+    arrays (with several processes, a global array the next jitted step accepts, not one pinned to
+    a process-local device), or this process's first device when there is no mesh."""
+    return replicated(leaves) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
-    return jax.tree.map(one, tree)
+
+def _target(x, free) -> jax.ShapeDtypeStruct:
+    """The restore target of one leaf: its shape, dtype and sharding. A leaf with no placement of its
+    own -- a number, a NumPy array, or a JAX array jit may still move (uncommitted, e.g.
+    ``nnx.Optimizer``'s step counter or a plateau state before the first step) -- is read into ``free``."""
+    if isinstance(x, jax.Array) and x.committed:
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    a = x if isinstance(x, jax.Array) else np.asarray(x)
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=free)
+
+
+def _abstract(tree):
+    free = _free_sharding(jax.tree.leaves(tree))
+    return jax.tree.map(lambda x: _target(x, free), tree)
 
 
 def _drop_empty(tree):
@@ -183,20 +201,10 @@ class _Flat:
         return {p for p, x in self.leaves.items() if math.prod(np.shape(x))}
 
     def targets(self, saved: set) -> dict:
-        """Orbax restore targets for the saved paths: this tree's shapes, dtypes and shardings."""
-        out = {}
-        for p, x in self.leaves.items():
-            if p not in saved:
-                continue
-            if _is_key_array(x):
-                x = jax.random.key_data(x)
-            if isinstance(x, jax.Array):
-                out[p] = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-            else:
-                a = np.asarray(x)
-                one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-                out[p] = jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one)
-        return out
+        """Orbax restore targets for the saved paths: this tree's shapes, dtypes and shardings (see :func:`_target`)."""
+        free = _free_sharding(list(self.leaves.values()))
+        return {p: _target(jax.random.key_data(x) if _is_key_array(x) else x, free)
+                for p, x in self.leaves.items() if p in saved}
 
     def rebuild(self, restored: dict):
         """This tree with the restored values, each leaf of the kind this tree had there."""
@@ -383,6 +391,7 @@ class Checkpointer:
             raise ValueError("Checkpointer.save: nothing to save (give an optimizer, scheduler, model= or state=)")
         _check_kinds(optimizer, model)
         latest = self.latest_step()
+        self._agree("save", step, optimizer, scheduler, model, state, include_params=include_params, force=force)
         if latest is not None and step <= latest:
             raise ValueError(
                 f"Checkpointer.save: step {step} is not after the latest saved step {latest} in {self.directory} "
@@ -411,6 +420,20 @@ class Checkpointer:
             meta["scheduler"] = {"class": type(scheduler).__name__, "state": _encode(scheduler.state_dict())}
         items["meta"] = ocp.args.JsonSave(meta)
         return bool(self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force))
+
+    def _agree(self, what, step, optimizer, scheduler, model, state, **flags) -> None:
+        """With several processes: every one must save (restore) the same step of the same objects into the
+        same directory, seeing the same committed steps (:func:`groupopt.multihost.agree`)."""
+        if not multihost.active():
+            return
+        config = {"directory": self.directory, "step": step, "steps": self.all_steps(), "flags": flags,
+                  "objects": [None if x is None else type(x).__qualname__ for x in (optimizer, scheduler, model, state)]}
+        if optimizer is not None and _is_compat(optimizer):
+            config["param_groups"] = [{k: v for k, v in g.items() if k != "params"} | {"params": len(g["params"])}
+                                      for g in optimizer.param_groups]
+        if scheduler is not None and what == "save":
+            config["scheduler"] = scheduler.state_dict()
+        multihost.agree(f"Checkpointer.{what}(step {step})", config)
 
     @staticmethod
     def _add_tree(items, meta, name, cls, flat: _Flat) -> None:
@@ -457,6 +480,7 @@ class Checkpointer:
         ocp = _ocp()
         _check_kinds(optimizer, model)
         self.wait()
+        self._agree("restore", step, optimizer, scheduler, model, state, include_params=include_params, partial=partial)
         step = self.latest_step() if step is None else operator.index(step)
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import hyperparams as hpmod
+from . import hyperparams as hpmod, multihost
 from .engine import GroupedState
 from .groups import path_str
 
@@ -385,6 +385,9 @@ def set_hyperparams(state, group, *, tx=None, **values):
         current = {k: _unwrap(v) for k, v in hps[g].items()}
         new = hpmod.replace(current, vals, where)
         plan.append((g, {k: new[k] for k in vals}))
+    if multihost.active() and not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(values)):
+        # host values become replicated arrays: every process must set the same ones (in jit they are)
+        multihost.agree("set_hyperparams", {"group": group, "values": values})
     in_place = True
     for g, new in plan:
         out = dict(hps[g])

@@ -22,7 +22,7 @@ import optax
 from . import hyperparams as hpmod
 from .engine import GroupedState, GroupState, check_per_slice, init_group_state, step_groups
 from .grad_checks import check_grad_paths, check_grads, check_trainable, is_sparse
-from . import hyperparam_access
+from . import hyperparam_access, multihost
 from .groups import ALL, GroupPlan, as_param_tree, partition, path_str
 from .optimizers.base import Rule
 from .optimizers.optax_rule import optax_rule
@@ -337,10 +337,27 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
 
     info = hyperparam_access.GroupInfo.from_configs(configs, resolution)  # names: static metadata of the state
 
+    agreed: set = set()  # structures already compared across processes (multi-process runs)
+
+    def agree(where, p: GroupPlan, pleaves, gleaves=()):
+        """With several processes: the groups (rules, hyperparameters), members, shapes and dtypes that the
+        state is built for (``init``) or the step compiles for (``update``/``apply``) must be the same on
+        every process; compared once per structure, at the first call or trace, before any device work."""
+        if not multihost.active():
+            return
+        config = {"groups": configs, "paths": p.paths, "members": p.members,
+                  "params": [(list(np.shape(x)), str(x.dtype)) for x in pleaves],
+                  "grads": [(list(np.shape(x)), str(x.dtype)) for x in gleaves]}
+        key = (where, multihost.fingerprint(config))
+        if key not in agreed:
+            multihost.agree(f"grouped transformation: {where}", config)
+            agreed.add(key)
+
     def init_fn(params):
         paths, leaves, _ = _flat(as_param_tree(params))
         p = plan_for(paths)
         _check_trainable(configs, p, leaves, "init(params)")
+        agree("init", p, leaves)
         return init_state(configs, p, leaves, shardings, info)
 
     def apply_fn(params, grads, state):
@@ -348,6 +365,7 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
         gpaths, gleaves, _ = _flat(grads)
         p = plan_for(ppaths)
         _check_grads(configs, p, gpaths, gleaves, pleaves, "apply(params, grads, state)")
+        agree("apply", p, pleaves, gleaves)
         new_leaves, new_state = apply_groups(configs, p, state, gleaves, pleaves, shardings)
         return jax.tree_util.tree_unflatten(ptreedef, new_leaves), new_state
 
@@ -359,6 +377,7 @@ def grouped(params=None, groups: Sequence[Group | dict] | None = None, *, rule: 
         ppaths, pleaves, _ = _flat(as_param_tree(params))
         p = plan_for(ppaths)
         _check_grads(configs, p, gpaths, gleaves, pleaves, "update(grads, state, params)")
+        agree("update", p, pleaves, gleaves)
         new_leaves, new_state = apply_groups(configs, p, state, gleaves, pleaves, shardings)
         deltas = [n - o for n, o in zip(new_leaves, pleaves)]
         return jax.tree_util.tree_unflatten(gtreedef, deltas), new_state

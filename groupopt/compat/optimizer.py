@@ -37,6 +37,7 @@ from ..sharding import fit, replicated
 from ..grad_checks import check_grads, check_trainable, is_sparse as _is_sparse
 from ..engine import GroupState, check_per_slice, init_group_state, step_groups
 from . import hooks
+from .. import multihost
 from .state_dict import LoadReport, StateDictMixin
 from .param_state import ParamRecords, StateMapping
 from .params import NNXBinding, TreeBinding, TreeParam, is_nnx_state, is_tree, make_binding
@@ -76,6 +77,14 @@ def _zero_grad(g):
         return jnp.zeros_like(g)
     n = g.n_batch
     return type(g)((g.data[(slice(None),) * n + (slice(0, 0),)], g.indices[(slice(None),) * n + (slice(0, 0),)]), shape=g.shape)
+
+
+def _placement(x) -> str:
+    """Where an array lies, the same text on every process: its mesh axes and partition spec."""
+    s = getattr(x, "sharding", None)
+    if isinstance(s, jax.sharding.NamedSharding):
+        return f"{dict(s.mesh.shape)} {s.spec}"
+    return f"{type(s).__name__} on {len(getattr(s, 'device_set', ()))} device(s)"
 
 
 class _RequiredParameter:
@@ -134,6 +143,7 @@ class Optimizer(StateDictMixin):
         self._adder = jax.jit(lambda a, b: jax.tree.map(_add_grads, a, b, is_leaf=_is_sparse))
         self.num_compiles = 0
         self._state_sharding = None
+        self._steps_called = 0  # steps that reached the multi-process check (its step count)
 
         if _is_module(params) or is_nnx_state(params):
             groups = [{"params": params}]
@@ -227,6 +237,10 @@ class Optimizer(StateDictMixin):
         rule = self._rule_for(candidate, where)
         hp = self._host_hparams(candidate, where)
         values = self._binding.get(members)
+        if multihost.active():  # before the group's state is placed (a collective in jax.device_put)
+            multihost.agree(f"{type(self).__name__}.add_param_group", {
+                "group": {k: v for k, v in candidate.items() if k != "params"}, "hparams": hp,
+                "params": [(self._binding.name(m) or k, list(np.shape(v)), str(v.dtype)) for k, (m, v) in enumerate(zip(members, values))]})
         self._check_values(members, values, where)
         check_per_slice(self._numbers(candidate, where), values,
                          [self._binding.name(m) or f"parameter {k}" for k, m in enumerate(members)], where)
@@ -441,10 +455,39 @@ class Optimizer(StateDictMixin):
         names = self._flat_names()
         return [n if n is not None else f"parameter {k}" for k, n in enumerate(names)]
 
+    def _step_key(self, rules, members_key) -> tuple:
+        return (tuple(rules), members_key, id(self._state_sharding))
+
+    def _agree_across_processes(self) -> None:
+        """With several processes (``jax.distributed``): every process must step the same optimizer with the
+        same hyperparameters (host values the jitted step takes as replicated). Compared across processes
+        (:func:`groupopt.multihost.agree`) when the step compiles -- groups, parameters, shapes, dtypes,
+        shardings, options -- and every ``multihost.configure(check_every=n)`` steps -- hyperparameters and
+        step count --, before anything changes and before any device work (a process that went its own
+        way must not be left waiting in a collective the others never join)."""
+        self._steps_called += 1
+        rules = self._structure()
+        layout = self._layout_key()
+        compiles = layout != self._layout or rules != self._rules or self._step_key(rules, layout) not in self._step_fns
+        every = multihost.settings().check_every
+        if not compiles and not (every and self._steps_called % every == 0):
+            return
+        hparams = [self._host_hparams(g, f"param group {i}") for i, g in enumerate(self.param_groups)]
+        config = {"optimizer": type(self).__name__, "steps": self._steps_called, "hparams": hparams}
+        if compiles:
+            members = [m for g in self.param_groups for m in g["params"]]
+            values = self._binding.get(members)
+            config["groups"] = [{"rule": r, "size": len(g["params"])} for r, g in zip(rules, self.param_groups)]
+            config["params"] = [(self._binding.name(m) or k, list(np.shape(v)), str(v.dtype), _placement(v))
+                                for k, (m, v) in enumerate(zip(members, values))]
+            fn = self._state_sharding
+            config["state_sharding"] = None if fn is None else getattr(fn, "__qualname__", type(fn).__qualname__)
+        multihost.agree(f"{type(self).__name__}.step" + (" (compiling)" if compiles else ""), config)
+
     def _step_fn(self, rules, members_key, members):
         """The jitted step for this structure. Gradients are matched to members while tracing, from
         the gradient tree's structure, so a new gradient structure simply retraces (jit's own cache)."""
-        key = (tuple(rules), members_key, id(self._state_sharding))
+        key = self._step_key(rules, members_key)
         fn = self._step_fns.get(key)
         if fn is not None:
             return fn
@@ -497,6 +540,8 @@ class Optimizer(StateDictMixin):
         if not grad_leaves:
             return loss  # every gradient is None (a Variable holding None has no leaves): torch's step does nothing
         self._refuse_traced(grad_leaves)
+        if multihost.active():
+            self._agree_across_processes()  # before any device work: a divergent process must not wait in one
         self._sync_layout()
         rules = self._structure()
         hparams = tuple(self._host_hparams(g, f"param group {i}") for i, g in enumerate(self.param_groups))

@@ -31,6 +31,7 @@ from ..engine import GroupState
 from ..optimizers.base import Rule, slot_zeros
 from ..sharding import fit
 from . import hooks
+from .. import multihost
 from .param_state import copy_user_value, to_numpy as _to_numpy
 from .validation import check_saved_groups
 
@@ -150,6 +151,11 @@ class StateDictMixin:
         """
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from state_dict())")
+        if multihost.active():  # the same dict on every process (values arrive as replicated arrays)
+            multihost.agree(f"{type(self).__name__}.load_state_dict", {
+                "param_groups": state_dict["param_groups"],
+                "state": {str(k): {n: (list(np.shape(v)), str(getattr(v, "dtype", type(v).__name__))) if np.ndim(v) else v
+                                   for n, v in entry.items()} for k, entry in state_dict["state"].items()}})
         self._sync_layout()
         check_saved_groups(self, state_dict)
         saved_names = self._saved_names(state_dict)

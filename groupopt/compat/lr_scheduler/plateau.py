@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ... import multihost
 from ...plateau import PlateauState, mode_worse, plateau_check, plateau_decide, plateau_is_better, plateau_reduce_lr
 from ..optimizer import Optimizer
 from .base import EPOCH_DEPRECATION_WARNING, LRScheduler, _param_groups_val_list, _update_param_group_val
@@ -101,6 +102,8 @@ class ReduceLROnPlateau(LRScheduler):
     def step(self, metrics, epoch=None) -> None:  # type: ignore[override]
         """Observe ``metrics`` (``float(metrics)``); reduce the lrs on a plateau."""
         current = float(metrics)
+        if multihost.active():  # the same metric on every process, or the lrs drift apart
+            multihost.agree("ReduceLROnPlateau.step", {"metric": current, "last_epoch": self.last_epoch})
         if epoch is not None:
             warnings.warn(EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=2)
         state = PlateauState(self.best, self.num_bad_epochs, self.cooldown_counter, self.last_epoch)
