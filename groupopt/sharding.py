@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-__all__ = ["zero1", "replicated", "constrain", "fit", "leaf_shardings", "state_bytes_per_device"]
+__all__ = ["zero1", "replicated", "constrain", "fit", "leaf_shardings", "state_bytes_per_device", "state_bytes_per_process"]
 
 StateSharding = Callable[[str, jax.Array], "jax.sharding.Sharding | None"]
 
@@ -114,3 +114,10 @@ def state_bytes_per_device(tree) -> dict:
         for shard in getattr(leaf, "addressable_shards", []):
             out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
     return out
+
+
+def state_bytes_per_process(tree) -> int:
+    """Bytes of ``tree``'s arrays held by this process (its devices' shards; with several processes each
+    holds only the shards of its own devices)."""
+    local = set(jax.local_devices())
+    return sum(b for d, b in state_bytes_per_device(tree).items() if d in local)

@@ -56,9 +56,10 @@ def _kill(p: subprocess.Popen) -> None:
 
 
 def launch(script: str, n: int, args=(), *, devices: int = 8, timeout: float = 300, grace: float = 30,
-           env: dict | None = None, on_start=None) -> list[Proc]:
+           env=None, on_start=None) -> list[Proc]:
     """Run ``script`` as ``n`` processes with ``devices // n`` CPU devices each; see the module docstring.
 
+    ``env``: extra environment variables, or a function ``(process index, coordinator address)`` giving them.
     ``on_start(popens)`` (optional) is called once all are started (e.g. to kill one mid-run).
     A process still running at ``timeout`` seconds, or ``grace`` seconds after another one failed,
     is killed and reported with ``returncode=None``.
@@ -71,7 +72,7 @@ def launch(script: str, n: int, args=(), *, devices: int = 8, timeout: float = 3
     try:
         for i in range(n):
             child = dict(os.environ)
-            child.update(env or {})
+            child.update((env(i, f"localhost:{port}") if callable(env) else env) or {})
             child.update(
                 GROUPOPT_PROCESS_ID=str(i),
                 GROUPOPT_NUM_PROCESSES=str(n),

@@ -165,6 +165,7 @@ class Compat:
         loss, grads = loss_and_grad(self.model, *batch(k))
         self.opt.step(grads)
         self.sched.step(float(loss))
+        settle(self.model)
 
     def save(self, ckpt: Checkpointer, step: int) -> None:
         ckpt.save(step, self.opt, self.sched, model=self.model)
@@ -224,7 +225,8 @@ class Core:
         self.train_step = plateau_step if plateau else plain_step
 
     def step(self, k: int) -> None:
-        self.train_step(self.model, self.opt, *batch(k))
+        # waited for: see settle()
+        jax.block_until_ready(self.train_step(self.model, self.opt, *batch(k)))
 
     def save(self, ckpt: Checkpointer, step: int) -> None:
         ckpt.save(step, self.opt, model=self.model)
@@ -261,6 +263,13 @@ def train(_):
     emit("RESULT", {"train": out})
 
 
+def settle(model) -> None:
+    """Wait for ``model``'s pending updates. Two independent multi-process programs in flight at once (the
+    next run starting while the last one still computes) can deadlock XLA CPU's Gloo collectives on a
+    loaded machine (seen: both processes waiting forever), so each step is waited for."""
+    jax.block_until_ready(nnx.state(model))
+
+
 def slot_arrays(opt) -> list:
     """The per-parameter state arrays of a compat optimizer (the step counts left out)."""
     return [v for g in opt.param_groups for var in g["params"] for k, v in opt.state[var].items() if k != "step"]
@@ -279,6 +288,7 @@ def zero1_scenario(_):
         opt = compat_opt(model, fn)
         for k in range(10):
             opt.step(loss_and_grad(model, *batch(k))[1])
+            settle(model)
         runs[name] = (model, opt)
     plain, zero = slot_arrays(runs["plain"][1]), slot_arrays(runs["zero1"][1])
     # the data-axis rows of the mesh this process's devices sit on, and the row blocks of each ZeRO-1 array it holds
