@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -107,6 +109,12 @@ def _client():
     except ImportError:  # pragma: no cover - a JAX without it: nothing to check with
         return None
     return distributed.global_state.client
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_unchecked() -> None:
+    warnings.warn("groupopt.multihost: several JAX processes but no jax.distributed coordination client: "
+                  "host-side state is not compared across processes", RuntimeWarning, stacklevel=3)
 
 
 def canonical(x: Any) -> Any:
@@ -189,7 +197,8 @@ def agree(label: str, config: Any = None) -> None:
     if not active():
         return
     client = _client()
-    if client is None:
+    if client is None:  # several processes without jax.distributed's client (e.g. a Pathways proxy)
+        _warn_unchecked()
         return
     _seq += 1
     seq, pid, n = _seq, jax.process_index(), jax.process_count()
@@ -221,10 +230,9 @@ def agree(label: str, config: Any = None) -> None:
             f"(this is process {pid}): the processes took different paths, or those are stuck or gone. {_HINT}"
         ) from e
     bad = sorted(_dir_get(client, f"{ns}/bad/"))
-    if seq > 1:  # everyone has passed the previous check: its keys can go
-        for key in (f"groupopt/agree/{seq - 1}/{pid}", f"groupopt/agree/{seq - 1}/bad/{pid}"):
-            with contextlib.suppress(Exception):
-                client.key_value_delete(key)
+    if pid == 0 and seq > 1:  # everyone has passed the previous check: its keys go (one call, a directory)
+        with contextlib.suppress(Exception):
+            client.key_value_delete(f"groupopt/agree/{seq - 1}")
     if bad:
         details = "\n".join(v for _, v in bad)
         raise ProcessDisagreement(f"groupopt: the processes disagree at {where}:\n{details}\n{_HINT} Nothing was changed.")

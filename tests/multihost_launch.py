@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -33,8 +34,16 @@ class Proc:
     stderr: str
 
     def lines(self, prefix: str) -> list[str]:
-        """The stdout lines starting with ``prefix + " "``, without it."""
-        return [ln[len(prefix) + 1:] for ln in self.stdout.splitlines() if ln.startswith(prefix + " ")]
+        """What follows ``prefix + " "`` on the stdout lines that carry it (see :func:`tagged`)."""
+        return tagged(self.stdout.splitlines(), prefix)
+
+
+def tagged(lines, prefix: str) -> list[str]:
+    """What follows ``prefix + " "`` on each line that starts with it or carries it after a space. Gloo's own
+    log lines ("[Gloo] Rank 0 is connected to ...") share the processes' stdout and are written in pieces by
+    several threads, so one of its fragments can end up in front of a line a process printed."""
+    pat = re.compile(r"(?:^|\s)" + re.escape(prefix) + r" (.*)$")
+    return [m[1] for ln in lines if (m := pat.search(ln))]
 
 
 def free_port() -> int:

@@ -6,6 +6,10 @@ SGD + frozen groups), every implementation, 1 warm-up + 2 timed steps. The
 timings themselves are not checked, only that every implementation ran, the
 records have the documented fields and types, and all implementations
 computed the same update.
+
+``test_distributed_two_processes`` runs ``benchmarks/distributed.py --processes 2 --quick``
+(two local jax.distributed processes on one 8-device mesh) and checks its figures against
+what the workload's shapes imply.
 """
 
 import json
@@ -66,3 +70,54 @@ def test_quick_suite_writes_valid_json(tmp_path):
         assert mem is not None and mem["param_bytes"] == 4 * r["n_params"]
         assert mem["extra_param_copies"] <= 1.0  # a donated step holds at most one extra copy of the params
     assert "mixed_2001" in proc.stdout and "groupopt_compat" in proc.stdout  # the table
+
+
+def test_distributed_two_processes(tmp_path):
+    """Per-process ZeRO-1 bytes are what the shapes give (AdamW: exp_avg + exp_avg_sq, float32; a leaf is split 8
+    ways when one of its dimensions divides by 8), every process agrees on them, times are positive, and the
+    check_every=1 blocks made one agreement check per step, the check_every=0 blocks none."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from benchmarks.workloads import build  # numpy only: the workload's shapes
+
+    out = tmp_path / "distributed.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "distributed.py"), "--processes", "2", "--quick",
+           "--rounds", "3", "--block", "5", "--timeout", "100", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+
+    wl = build("adamw_48x", quick=True)
+    assert (r["workload"], r["n_params"]) == ("adamw_48x", wl.n_params)
+    assert (r["processes"], r["devices"], r["local_devices"]) == (2, 8, 4)
+    state = [8 * p.size for p in wl.params.values()]
+    zero1 = [b // 8 if any(d % 8 == 0 for d in p.shape) else b for b, p in zip(state, wl.params.values())]
+    assert r["state_bytes_per_device"] == sum(state)
+    assert r["state_bytes_per_device_zero1"] == sum(zero1)
+    assert r["state_bytes_per_process"] == 4 * sum(state)
+    assert r["state_bytes_per_process_zero1"] == 4 * sum(zero1)
+    assert r["zero1_reduction_per_process"] == r["state_bytes_per_process"] / r["state_bytes_per_process_zero1"]
+    assert r["zero1_reduction"] == 8.0  # every quick leaf (32x32, 32) divides by 8
+
+    per = sorted(r["per_process"], key=lambda p: p["process"])
+    assert [p["process"] for p in per] == [0, 1]
+    bytes_keys = [k for k in r if k.startswith("state_bytes")]
+    for p in per:
+        assert {k: p[k] for k in bytes_keys} == {k: r[k] for k in bytes_keys}
+    for layout in ("replicated", "zero1"):
+        for what in ("save_s", "restore_s"):
+            key = f"{what}_{layout}"
+            assert r[key] == per[0][key] > 0
+            assert r[key + "_max"] == max(p[key] for p in per)
+    assert r["checkpoint_bytes_both"] > 0
+
+    [cost] = r["check_cost"]
+    assert cost == per[0]["check_cost"][0]
+    assert (cost["workload"], cost["n_params"], cost["n_tensors"]) == ("adamw_48x --quick", wl.n_params, 48)
+    assert (cost["rounds"], cost["block_steps"]) == (3, 5)
+    for p in per:
+        c = p["check_cost"][0]
+        assert (c["checks_per_step_check_every_1"], c["checks_per_step_check_every_0"]) == (1.0, 0.0)
+        assert c["step_ms_check_every_1"] > 0 and c["step_ms_check_every_0"] > 0 and c["ratio"] > 0
+        assert c["extra_ms_per_step"] == c["step_ms_check_every_1"] - c["step_ms_check_every_0"]
