@@ -153,3 +153,19 @@ def test_configure_checks_its_values_and_restores():
     with multihost.configured(check_every=0, timeout_s=5):
         assert multihost.settings().check_every == 0 and multihost.settings().timeout_s == 5
     assert multihost.settings() == before
+
+
+def test_four_processes_all_raise_naming_each_process_that_differs(tmp_path):
+    """4 processes x 2 devices: every process raises, and the message lists each process that differs from process 0."""
+    scenarios = ["scheduler_on_process_0", "add_group_on_process_1", "checkpoint_other_step", "agreeing"]
+    procs = check(launch("tests/multihost_agree_worker.py", 4, [",".join(scenarios), TIMEOUT_S, tmp_path / "ckpt"],
+                         timeout=400))
+    for p in procs:
+        raised = p.lines("RAISED")
+        assert len(raised) == 3, (p.index, raised)
+        sched, group, save = raised
+        # the scheduler stepped on process 0 only: processes 1, 2 and 3 each differ from it
+        assert [int(x) for x in re.findall(r"process (\d) differs from process 0", sched)] == [1, 2, 3]
+        assert "process 0 is at 'AdamW.step', process 1 at 'AdamW.add_param_group'" in group
+        assert all(f"process {k} at 'Checkpointer.save(step {k + 1})'" in save for k in (1, 2, 3))
+        assert p.lines("UNCHANGED") == ["True", "True"] and p.lines("CHECKS") == ["13"]
