@@ -89,7 +89,7 @@ def measure_layouts(wl, mesh, directory: str) -> tuple[dict, dict]:
     for layout in LAYOUTS:
         opt, grads = opts[layout] = make_optimizer(wl, mesh, layout)
         opt.step(grads)
-        jax.block_until_ready(opt.params)  # one multi-process program in flight at a time (Gloo: docs/multi_host.md)
+        jax.block_until_ready(opt.params)  # nothing left in flight (CPU/Gloo: docs/multi_host.md, Pitfalls)
         suffix = "" if layout == "replicated" else "_zero1"
         out[f"state_bytes_per_device{suffix}"], out[f"state_bytes_per_process{suffix}"] = state_bytes(opt)
     out["zero1_reduction"] = out["state_bytes_per_device"] / out["state_bytes_per_device_zero1"]

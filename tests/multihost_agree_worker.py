@@ -240,4 +240,4 @@ for name in sys.argv[1].split(","):  # several scenarios in one launch: each sta
     fresh_model()
     print("SCENARIO", name, flush=True)
     SCENARIOS[name]()
-    jax.block_until_ready(nnx.state(model))  # one multi-process program in flight at a time (see multihost_worker.settle)
+    jax.block_until_ready(nnx.state(model))  # nothing left in flight (see multihost_worker.settle)

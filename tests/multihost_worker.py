@@ -264,9 +264,8 @@ def train(_):
 
 
 def settle(model) -> None:
-    """Wait for ``model``'s pending updates. Two independent multi-process programs in flight at once (the
-    next run starting while the last one still computes) can deadlock XLA CPU's Gloo collectives on a
-    loaded machine (seen: both processes waiting forever), so each step is waited for."""
+    """Wait for ``model``'s pending updates. On CPU (Gloo), more than ~36 multi-process computations in flight
+    deadlock every process (docs/multi_host.md, "Pitfalls"), so each step is waited for."""
     jax.block_until_ready(nnx.state(model))
 
 
