@@ -19,12 +19,13 @@ here, the first built being the fast one. Run each workload with ``--reverse`` a
 well and take both runs' ratios (their geometric mean) before reading a few percent
 into them.
 
-    .venv/bin/python benchmarks/paired.py [--workload adamw_2001] [--rounds 60] [--quick] [--floor-array] [--floor-tree] [--order A,B,..] [--reverse]
+    .venv/bin/python benchmarks/paired.py [--workload adamw_2001] [--rounds 60] [--quick] [--floor-array] [--floor-tree] [--order A,B,..] [--reverse] [--overhead]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import random
@@ -41,6 +42,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import groupopt  # noqa: E402
@@ -136,8 +138,15 @@ def main(argv=None):
     ap.add_argument("--order", help=f"comma-separated: the order in which the implementations are built (default {','.join(IMPLS)}); "
                     "also their order within a round")
     ap.add_argument("--reverse", action="store_true", help="build (and time) them in the reverse of that order")
+    ap.add_argument("--overhead", action="store_true",
+                    help="the workload's tree and groups with 2-element leaves: what is left is each step's per-leaf "
+                         "and per-call cost (dispatch, kernel launches), not its memory traffic")
     args = ap.parse_args(argv)
     w = build(args.workload, quick=args.quick)
+    if args.overhead:
+        w = dataclasses.replace(w, name=w.name + " --overhead",
+                                params={k: np.asarray(v).reshape(-1)[:2].copy() for k, v in w.params.items()},
+                                grads={k: np.asarray(v).reshape(-1)[:2].copy() for k, v in w.grads.items()})
     fresh = lambda: nest({k: jnp.asarray(v) for k, v in w.params.items()})  # noqa: E731
     grads = nest({k: jnp.asarray(v) for k, v in w.grads.items()})
     make = builders(w, grads, fresh, args.floor_array, args.floor_tree)
