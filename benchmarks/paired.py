@@ -19,7 +19,7 @@ here, the first built being the fast one. Run each workload with ``--reverse`` a
 well and take both runs' ratios (their geometric mean) before reading a few percent
 into them.
 
-    .venv/bin/python benchmarks/paired.py [--workload adamw_2001] [--rounds 60] [--quick] [--floor-array] [--floor-tree] [--order A,B,..] [--reverse] [--overhead]
+    .venv/bin/python benchmarks/paired.py [--workload adamw_2001] [--rounds 60] [--quick] [--floor-array] [--floor-tree] [--order A,B,..] [--reverse] [--mirror] [--overhead]
 """
 
 from __future__ import annotations
@@ -138,6 +138,10 @@ def main(argv=None):
     ap.add_argument("--order", help=f"comma-separated: the order in which the implementations are built (default {','.join(IMPLS)}); "
                     "also their order within a round")
     ap.add_argument("--reverse", action="store_true", help="build (and time) them in the reverse of that order")
+    ap.add_argument("--mirror", action="store_true",
+                    help="build every implementation twice, in the order and then in reverse, time all copies "
+                         "round-robin, and report each implementation by the mean of its two copies per round "
+                         "(the build-position effect cancels)")
     ap.add_argument("--overhead", action="store_true",
                     help="the workload's tree and groups with 2-element leaves: what is left is each step's per-leaf "
                          "and per-call cost (dispatch, kernel launches), not its memory traffic")
@@ -156,7 +160,12 @@ def main(argv=None):
             order.append(must)
     if args.reverse:
         order = order[::-1]
-    steps = {name: make[name]() for name in order}
+    if args.mirror:  # each built twice, in the order and then in reverse: the two copies' mean cancels the build position
+        steps = {}
+        for i, name in enumerate(order + order[::-1]):
+            steps[f"{name}#{1 if i < len(order) else 2}"] = make[name]()
+    else:
+        steps = {name: make[name]() for name in order}
     import torch
 
     for _ in range(3):
@@ -177,6 +186,9 @@ def main(argv=None):
                 times[name].append(time.perf_counter() - t)
     finally:
         gc.enable()
+    if args.mirror:
+        copies = {name: {k: statistics.median(times[f"{name}#{k}"]) * 1e3 for k in (1, 2)} for name in order}
+        times = {name: [(a + b) / 2 for a, b in zip(times[f"{name}#1"], times[f"{name}#2"])] for name in order}
     res = {"workload": w.name, "rounds": args.rounds, "device": jax.devices()[0].device_kind, "order": order,
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch_threads": torch.get_num_threads()}
     for name, ts in times.items():
@@ -186,8 +198,11 @@ def main(argv=None):
             "median_ratio_to_groupopt": statistics.median(a / b for a, b in zip(ts, times["groupopt"])),
             "median_ratio_to_floor": statistics.median(a / b for a, b in zip(ts, times["floor"])),
         }
-    if "groupopt_compat" in steps:
-        res["groupopt_compat"]["compiles"] = steps["groupopt_compat"].opt.num_compiles
+        if args.mirror:
+            res[name]["ms_median_copies"] = copies[name]  # build position 1..n, then n..1
+    compat = steps.get("groupopt_compat") or steps.get("groupopt_compat#1")
+    if compat is not None:
+        res["groupopt_compat"]["compiles"] = compat.opt.num_compiles
     print(json.dumps(res, indent=2))
 
 
