@@ -555,7 +555,7 @@ class Checkpointer:
             opt_meta = dict(meta["compat"], param_groups=_decode(meta["compat"]["param_groups"]),
                             records=_decode(meta["compat"].get("records")), extra=_decode(meta["compat"].get("extra")))
             try:
-                commit = compat.prepare_import(arrays, opt_meta, include_params)
+                commit = compat.prepare_import(arrays, opt_meta, include_params, owned=True)  # just read: ours alone
             except ValueError as e:
                 raise ValueError(f"{where} {e}; nothing was restored") from None
         new = {name: flat.rebuild(dict(read[_TREE_ITEMS[name]]) if _TREE_ITEMS[name] in read else {})

@@ -180,3 +180,20 @@ def test_core_state_save_restore_onto_new_shardings(tmp_path):
     assert restored.groups[0].slots["exp_avg"][0].sharding.mesh.devices.size == 2
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(st)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_prepare_import_copies_the_callers_arrays_unless_they_are_handed_over():
+    """The next step donates the optimizer's buffers: imported arrays are copied (the caller's stay valid),
+    unless ``owned=True`` (a checkpoint's freshly read arrays: no second copy, one per device on a mesh)."""
+    src = optim.Adam({"w": jnp.arange(4.0)}, lr=0.1)
+    src.step({"w": jnp.ones(4)})
+    for owned in (False, True):
+        arrays, meta = src.export_state()
+        arrays = jax.tree.map(jnp.copy, arrays)
+        fresh = optim.Adam({"w": jnp.zeros(4)}, lr=0.5)
+        fresh.prepare_import(arrays, meta, owned=owned)()
+        held = arrays["groups"][0]["slots"]["exp_avg"][0]
+        assert (fresh.export_state()[0]["groups"][0]["slots"]["exp_avg"][0] is held) == owned
+        fresh.step({"w": jnp.ones(4)})  # donates the optimizer's buffers
+        assert held.is_deleted() == owned
+        assert fresh.param_groups[0]["lr"] == 0.1 and float(fresh.state_dict()["state"][0]["step"]) == 2.0

@@ -310,10 +310,16 @@ class StateDictMixin:
         """Extension point: validate :meth:`_export_extra`'s value; return the function that applies it."""
         return lambda: None
 
-    def prepare_import(self, arrays: dict, meta: dict, include_params: bool = False) -> Callable[[], None]:
+    def prepare_import(self, arrays: dict, meta: dict, include_params: bool = False, *, owned: bool = False
+                       ) -> Callable[[], None]:
         """Check ``(arrays, meta)`` from :meth:`export_state` against this optimizer and return the
         function that applies it. Nothing changes until that function is called, so a caller
         restoring several objects (optimizer, scheduler, model) can check them all first.
+
+        The arrays are copied when applied (the next step donates the optimizer's buffers, and the
+        caller's may be in use elsewhere), unless ``owned=True``: the caller hands them over and
+        holds them nowhere else (e.g. arrays just read from a checkpoint), and they are used as they
+        are -- on a mesh a replicated array's copy costs one per device.
 
         Raises ``ValueError`` when the checkpoint is of another optimizer class, other group
         sizes, or arrays of other shapes.
@@ -344,8 +350,8 @@ class StateDictMixin:
 
         def commit():
             # own buffers: the step donates them, and the caller's arrays may be in use elsewhere
-            own = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False) if isinstance(x, jax.Array) else x,
-                               arrays)
+            own = arrays if owned else jax.tree.map(
+                lambda x: jax.device_put(x, x.sharding, may_alias=False) if isinstance(x, jax.Array) else x, arrays)
             self._count = own["count"]
             self._groups_state = [
                 GroupState(g["step"], dict(g["scalars"]), {n: tuple(v) for n, v in g["slots"].items()})
