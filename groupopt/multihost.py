@@ -2,9 +2,10 @@
 
 With several processes (one per host), every process runs the same Python program and must take
 the same host-side decisions: the optimizer's groups and options, hyperparameter values,
-scheduler steps, what is checkpointed. JAX checks none of them. A hyperparameter that reaches a
-jitted step from the host becomes a "replicated" array whose copies silently differ between
-processes (a scheduler stepped on process 0 only, a ``ReduceLROnPlateau`` fed a per-process
+scheduler steps, what is checkpointed. JAX checks few of them (``jax.device_put`` of a host value
+onto a multi-process sharding compares it, in a collective a process on another path never joins).
+A hyperparameter that reaches a jitted step from the host as an argument becomes a "replicated"
+array whose copies silently differ between processes (a scheduler stepped on process 0 only, a ``ReduceLROnPlateau`` fed a per-process
 metric); a host branch taken by one process only leaves the others waiting forever in the next
 collective.
 
