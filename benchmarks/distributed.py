@@ -221,6 +221,9 @@ def main(argv=None):
         return worker(args)
     if DEVICES % args.processes:
         ap.error(f"--processes must divide {DEVICES}")
+    if args.processes > 1 and args.block > 30:  # steps dispatched before a block is waited for
+        ap.error("--block must be at most 30 with several processes: on CPU more than ~36 multi-process "
+                 "computations in flight deadlock (docs/multi_host.md, Pitfalls)")
     wl = build("adamw_48x", quick=args.quick)
     if args.processes > 1:
         result = launch_processes(args, wl)
