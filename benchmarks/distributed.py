@@ -48,7 +48,7 @@ import groupopt.compat as optim  # noqa: E402
 from benchmarks.workloads import build, nest  # noqa: E402
 from groupopt import multihost  # noqa: E402
 from groupopt.checkpoint import Checkpointer  # noqa: E402
-from groupopt.sharding import state_bytes_per_device, zero1  # noqa: E402
+from groupopt.sharding import state_bytes_per_device, state_bytes_per_process, zero1  # noqa: E402
 
 DEVICES = 8
 LAYOUTS = ("replicated", "zero1")
@@ -77,8 +77,8 @@ def slots(opt) -> list:
 
 def state_bytes(opt) -> tuple[int, int]:
     """Bytes of the state held by this process's first device, and by all of its devices together."""
-    per_device = state_bytes_per_device(slots(opt))
-    return per_device[jax.local_devices()[0]], sum(per_device.values())
+    state = slots(opt)
+    return state_bytes_per_device(state)[jax.local_devices()[0]], state_bytes_per_process(state)
 
 
 def measure_layouts(wl, mesh, directory: str) -> tuple[dict, dict]:

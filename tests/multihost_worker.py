@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 import groupopt  # noqa: E402
 import groupopt.compat as optim  # noqa: E402
 from groupopt.checkpoint import Checkpointer  # noqa: E402
-from groupopt.sharding import zero1  # noqa: E402
+from groupopt.sharding import state_bytes_per_process, zero1  # noqa: E402
 
 STEPS = 30
 SAVE_AT = 15
@@ -274,11 +274,6 @@ def slot_arrays(opt) -> list:
     return [v for g in opt.param_groups for var in g["params"] for k, v in opt.state[var].items() if k != "step"]
 
 
-def process_bytes(arrays) -> int:
-    """Bytes of ``arrays`` held by this process: its devices' shards (see groupopt.sharding.state_bytes_per_device)."""
-    return sum(s.data.nbytes for a in arrays for s in a.addressable_shards)
-
-
 def zero1_scenario(_):
     """Compat AdamW, parameters replicated (pure data parallelism), with and without ZeRO-1 over ``data``."""
     runs = {}
@@ -297,8 +292,8 @@ def zero1_scenario(_):
         dim = a.sharding.spec.index("data")
         block = a.shape[dim] // DATA
         held.append(sorted({s.index[dim].start // block for s in a.addressable_shards}))
-    emit("BYTES", {"process": PID, "local_devices": jax.local_device_count(), "plain": process_bytes(plain),
-                   "zero1": process_bytes(zero), "rows": rows, "held": held, "shapes": [list(a.shape) for a in plain]},
+    emit("BYTES", {"process": PID, "local_devices": jax.local_device_count(), "plain": state_bytes_per_process(plain),
+                   "zero1": state_bytes_per_process(zero), "rows": rows, "held": held, "shapes": [list(a.shape) for a in plain]},
          everyone=True)
     emit("RESULT", {"zero1": {name: {"params": encode(nnx.state(m, nnx.Param)), "num_compiles": o.num_compiles}
                               for name, (m, o) in runs.items()}})
@@ -409,7 +404,7 @@ def timing(directory, big: bool = False):
     same = all(np.array_equal(s.data, r.data) for a, b in zip(arrays, restored)
                for s, r in zip(a.addressable_shards, b.addressable_shards))
     whole = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays)
-    emit("TIMING", {"process": PID, "processes": N, "array_bytes": whole, "process_bytes": process_bytes(arrays),
+    emit("TIMING", {"process": PID, "processes": N, "array_bytes": whole, "process_bytes": state_bytes_per_process(arrays),
                     "save_s": save_s, "restore_s": restore_s, "bit_exact": same,
                     "workload": "adamw_48x" if big else "8x(512x512) Adam"}, everyone=True)
 

@@ -458,7 +458,7 @@ class Optimizer(StateDictMixin):
     def _step_key(self, rules, members_key) -> tuple:
         return (tuple(rules), members_key, id(self._state_sharding))
 
-    def _agree_across_processes(self) -> None:
+    def _agree_across_processes(self, rules: list, hparams: tuple) -> None:
         """With several processes (``jax.distributed``): every process must step the same optimizer with the
         same hyperparameters (host values the jitted step takes as replicated). Compared across processes
         (:func:`groupopt.multihost.agree`) when the step compiles -- groups, parameters, shapes, dtypes,
@@ -466,14 +466,11 @@ class Optimizer(StateDictMixin):
         step count --, before anything changes and before any device work (a process that went its own
         way must not be left waiting in a collective the others never join)."""
         self._steps_called += 1
-        rules = self._structure()
-        layout = self._layout_key()
-        compiles = layout != self._layout or rules != self._rules or self._step_key(rules, layout) not in self._step_fns
+        compiles = self._step_key(rules, self._layout_key()) not in self._step_fns  # the step _step_fn will look up
         every = multihost.settings().check_every
         if not compiles and not (every and self._steps_called % every == 0):
             return
-        hparams = [self._host_hparams(g, f"param group {i}") for i, g in enumerate(self.param_groups)]
-        config = {"optimizer": type(self).__name__, "steps": self._steps_called, "hparams": hparams}
+        config = {"optimizer": type(self).__name__, "steps": self._steps_called, "hparams": list(hparams)}
         if compiles:
             members = [m for g in self.param_groups for m in g["params"]]
             values = self._binding.get(members)
@@ -540,11 +537,11 @@ class Optimizer(StateDictMixin):
         if not grad_leaves:
             return loss  # every gradient is None (a Variable holding None has no leaves): torch's step does nothing
         self._refuse_traced(grad_leaves)
-        if multihost.active():
-            self._agree_across_processes()  # before any device work: a divergent process must not wait in one
-        self._sync_layout()
-        rules = self._structure()
+        rules = self._structure()  # host work only, from param_groups
         hparams = tuple(self._host_hparams(g, f"param group {i}") for i, g in enumerate(self.param_groups))
+        if multihost.active():
+            self._agree_across_processes(rules, hparams)  # before any device work: a divergent process must not wait in one
+        self._sync_layout()
         self._sync_structure(rules)
         members = [m for ms in self._layout_members for m in ms]
         fn = self._step_fn(rules, self._layout, members)
