@@ -13,13 +13,15 @@ Prints one JSON object: per implementation the median and minimum, and per
 implementation the median of its per-round ratio to the core (``groupopt``) and to
 the ``floor``.
 
-Which implementation is built first matters by itself: on ``adamw_2001`` two builds
-of the very same core step (each compiled, with its own buffers) differed by 6-9 %
-here, the first built being the fast one. Run each workload with ``--reverse`` as
-well and take both runs' ratios (their geometric mean) before reading a few percent
-into them.
+When an implementation is built matters by itself: its buffers (and, with 2001 leaves, its compiled
+code) depend on it, and the same compiled step with buffers built at different times ran 28.2-29.9 ms
+on ``adamw_48x``; on ``adamw_2001`` copies built later ran up to 20 % slower than the first. So every
+implementation gets its own parameters, state *and gradients* and compiles its own step, and
+``--balanced`` builds one copy of each in every rotation of the order (every implementation holds every
+build position once) and reports the mean of the copies per round. Use it (or at least ``--mirror``)
+before reading a few percent into the ratios.
 
-    .venv/bin/python benchmarks/paired.py [--workload adamw_2001] [--rounds 60] [--quick] [--floor-array] [--floor-tree] [--order A,B,..] [--reverse] [--mirror] [--overhead]
+    .venv/bin/python benchmarks/paired.py [--workload adamw_2001] [--rounds 60] [--quick] [--floor-array] [--floor-tree] [--order A,B,..] [--reverse] [--mirror | --balanced] [--overhead]
 """
 
 from __future__ import annotations
@@ -63,10 +65,15 @@ def jitted(tx_update):
 IMPLS = ("groupopt_compat", "groupopt", "optax", "optax_plain", "torch_fused", "floor")
 
 
-def builders(w, grads, fresh, floor_array: bool = False, floor_tree: bool = False) -> dict:
-    """Per implementation, a function that builds it (its params, state and step) and returns ``step()``."""
+def builders(w, fresh, fresh_grads, floor_array: bool = False, floor_tree: bool = False) -> dict:
+    """Per implementation, a function that builds one copy of it (its params and state) and returns ``step()``.
 
-    def boxed(apply, params, state, g=grads):
+    Every copy compiles its own step, as a compat optimizer must: copies sharing one compiled program ran
+    20-25 % faster on the 2001-leaf steps (their code stays in the CPU caches between them), which would
+    favour whichever implementation shares."""
+
+    def boxed(apply, params, state, g=None):
+        g = fresh_grads() if g is None else g
         box = [params, state]
 
         def run():
@@ -77,6 +84,7 @@ def builders(w, grads, fresh, floor_array: bool = False, floor_tree: bool = Fals
 
     def compat():
         opt = optim.AdamW([{"params": list(g.paths), **g.hparams} for g in w.groups], model=fresh())
+        grads = fresh_grads()
 
         def run():
             opt.step(grads)
@@ -128,6 +136,25 @@ def builders(w, grads, fresh, floor_array: bool = False, floor_tree: bool = Fals
     return out
 
 
+def build_sequence(order: list, mirror: bool = False, balanced: bool = False) -> list:
+    """The build order: ``(implementation, copy number)`` pairs, every copy timed, each implementation
+    reported by the mean of its copies in each round.
+
+    The buffers an implementation gets depend on when it is built, and that alone moves its step time by
+    several percent here (the same compiled step, 6 copies of its buffers: 28.2-29.9 ms on adamw_48x).
+    ``mirror``: the order, then its reverse (2 copies each; a linear trend cancels, but whoever comes first
+    also comes last). ``balanced``: the n rotations of the order, one after another (n copies each): every
+    implementation is built once at every position within a rotation, and every one's positions add up
+    to the same sum, so neither a linear trend nor a favoured slot in each rotation can favour one of them.
+    """
+    if balanced:
+        n = len(order)
+        return [(order[(r + i) % n], r + 1) for r in range(n) for i in range(n)]
+    if mirror:
+        return [(name, 1) for name in order] + [(name, 2) for name in order[::-1]]
+    return [(name, 1) for name in order]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--workload", default="adamw_2001")
@@ -142,6 +169,10 @@ def main(argv=None):
                     help="build every implementation twice, in the order and then in reverse, time all copies "
                          "round-robin, and report each implementation by the mean of its two copies per round "
                          "(the build-position effect cancels)")
+    ap.add_argument("--balanced", action="store_true",
+                    help="build every implementation once in each of the n rotations of the order (n copies each), "
+                         "time all copies round-robin and report each implementation by the mean of its copies per "
+                         "round: every implementation holds every build position once")
     ap.add_argument("--overhead", action="store_true",
                     help="the workload's tree and groups with 2-element leaves: what is left is each step's per-leaf "
                          "and per-call cost (dispatch, kernel launches), not its memory traffic")
@@ -151,21 +182,25 @@ def main(argv=None):
         w = dataclasses.replace(w, name=w.name + " --overhead",
                                 params={k: np.asarray(v).reshape(-1)[:2].copy() for k, v in w.params.items()},
                                 grads={k: np.asarray(v).reshape(-1)[:2].copy() for k, v in w.grads.items()})
-    fresh = lambda: nest({k: jnp.asarray(v) for k, v in w.params.items()})  # noqa: E731
-    grads = nest({k: jnp.asarray(v) for k, v in w.grads.items()})
-    make = builders(w, grads, fresh, args.floor_array, args.floor_tree)
+    # every copy gets its own params, state *and gradients*, allocated when it is built: gradients shared by
+    # several copies (allocated before all of them) made those copies 4-5 % slower than the floor, which
+    # always had its own (adamw_48x, --balanced)
+    fresh = lambda: nest({k: jnp.array(v) for k, v in w.params.items()})  # noqa: E731
+    fresh_grads = lambda: nest({k: jnp.array(v) for k, v in w.grads.items()})  # noqa: E731
+    make = builders(w, fresh, fresh_grads, args.floor_array, args.floor_tree)
     order = args.order.split(",") if args.order else list(make)
     for must in ("groupopt", "floor"):
         if must not in order:
             order.append(must)
     if args.reverse:
         order = order[::-1]
-    if args.mirror:  # each built twice, in the order and then in reverse: the two copies' mean cancels the build position
-        steps = {}
-        for i, name in enumerate(order + order[::-1]):
-            steps[f"{name}#{1 if i < len(order) else 2}"] = make[name]()
-    else:
-        steps = {name: make[name]() for name in order}
+    if args.balanced and args.mirror:
+        ap.error("--balanced and --mirror are two ways of cancelling the build position: choose one")
+    sequence = build_sequence(order, mirror=args.mirror, balanced=args.balanced)
+    steps = {}
+    for name, copy in sequence:
+        steps[f"{name}#{copy}"] = make[name]()
+    n_copies = max(copy for _, copy in sequence)
     import torch
 
     for _ in range(3):
@@ -186,9 +221,9 @@ def main(argv=None):
                 times[name].append(time.perf_counter() - t)
     finally:
         gc.enable()
-    if args.mirror:
-        copies = {name: {k: statistics.median(times[f"{name}#{k}"]) * 1e3 for k in (1, 2)} for name in order}
-        times = {name: [(a + b) / 2 for a, b in zip(times[f"{name}#1"], times[f"{name}#2"])] for name in order}
+    copies = {name: {k: statistics.median(times[f"{name}#{k}"]) * 1e3 for k in range(1, n_copies + 1)} for name in order}
+    times = {name: [statistics.fmean(t) for t in zip(*(times[f"{name}#{k}"] for k in range(1, n_copies + 1)))]
+             for name in order}
     res = {"workload": w.name, "rounds": args.rounds, "device": jax.devices()[0].device_kind, "order": order,
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch_threads": torch.get_num_threads()}
     for name, ts in times.items():
@@ -198,9 +233,9 @@ def main(argv=None):
             "median_ratio_to_groupopt": statistics.median(a / b for a, b in zip(ts, times["groupopt"])),
             "median_ratio_to_floor": statistics.median(a / b for a, b in zip(ts, times["floor"])),
         }
-        if args.mirror:
-            res[name]["ms_median_copies"] = copies[name]  # build position 1..n, then n..1
-    compat = steps.get("groupopt_compat") or steps.get("groupopt_compat#1")
+        if n_copies > 1:
+            res[name]["ms_median_copies"] = copies[name]  # by copy: see build_sequence for their build positions
+    compat = steps.get("groupopt_compat#1")
     if compat is not None:
         res["groupopt_compat"]["compiles"] = compat.opt.num_compiles
     print(json.dumps(res, indent=2))

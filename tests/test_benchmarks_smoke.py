@@ -121,3 +121,46 @@ def test_distributed_two_processes(tmp_path):
         assert (c["checks_per_step_check_every_1"], c["checks_per_step_check_every_0"]) == (1.0, 0.0)
         assert c["step_ms_check_every_1"] > 0 and c["step_ms_check_every_0"] > 0 and c["ratio"] > 0
         assert c["extra_ms_per_step"] == c["step_ms_check_every_1"] - c["step_ms_check_every_0"]
+
+
+def test_paired_build_sequence_is_balanced():
+    """``--balanced``: every implementation is built once in every rotation and holds every within-rotation position
+    once, so all of them have the same sum of build positions (a linear trend cancels); ``--mirror``: the order, then
+    its reverse."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from benchmarks.paired import build_sequence
+
+    order = ["groupopt", "floor", "groupopt_compat", "optax_plain"]
+    seq = build_sequence(order, balanced=True)
+    n = len(order)
+    assert len(seq) == n * n and len(set(seq)) == n * n
+    for r in range(n):
+        rotation = seq[r * n:(r + 1) * n]
+        assert sorted(name for name, _ in rotation) == sorted(order)
+        assert {copy for _, copy in rotation} == {r + 1}
+    for name in order:
+        slots = [i % n for i, (m, _) in enumerate(seq) if m == name]
+        assert sorted(slots) == list(range(n))
+    sums = {name: sum(i for i, (m, _) in enumerate(seq) if m == name) for name in order}
+    assert len(set(sums.values())) == 1
+    assert build_sequence(order, mirror=True) == [(m, 1) for m in order] + [(m, 2) for m in order[::-1]]
+    assert build_sequence(order) == [(m, 1) for m in order]
+
+
+def test_paired_balanced_quick_run():
+    """``paired.py --balanced`` on a quick workload: every implementation reported with one median per copy, the
+    core's ratio to itself exactly 1, and the compat optimizer compiled once."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "paired.py"), "--workload", "adamw_48x", "--quick",
+           "--balanced", "--rounds", "3", "--order", "groupopt,floor,groupopt_compat"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert r["order"] == ["groupopt", "floor", "groupopt_compat"] and r["rounds"] == 3
+    for name in r["order"]:
+        assert sorted(r[name]["ms_median_copies"]) == ["1", "2", "3"]
+        assert all(v > 0 for v in r[name]["ms_median_copies"].values())
+        assert r[name]["ms_min"] <= r[name]["ms_median"]
+    assert r["groupopt"]["median_ratio_to_groupopt"] == 1.0 and r["floor"]["median_ratio_to_floor"] == 1.0
+    assert r["groupopt_compat"]["compiles"] == 1
