@@ -80,8 +80,24 @@ def slot_zeros(param, shape):
 
 
 def lerp(start, end, weight):
-    """``torch.lerp`` with a scalar weight, using torch's two-branch formula."""
-    return jnp.where(jnp.abs(weight) < 0.5, start + weight * (end - start), end - (end - start) * (1 - weight))
+    """``torch.lerp`` with a scalar weight, bit for bit: torch's two branches, ``start + w * (end - start)`` for
+    ``|w| < 0.5``, else ``end - (end - start) * (1 - w)``, written as one expression ``base + c * (end - start)``
+    whose ``base`` (``start`` or ``end``) and ``c`` (``w`` or ``-(1 - w)``: ``x + (-y)`` is ``x - y``, signed zeros
+    included) the scalar test picks: one select of an input instead of both branches computed for every element."""
+    small = jnp.abs(weight) < 0.5
+    diff = end - start
+    base = jnp.where(small, *_sharded_like(diff, start, end))
+    return base + jnp.where(small, weight, -(1 - weight)) * diff
+
+
+def _sharded_like(ref, *xs):
+    """``xs`` on ``ref``'s sharding where the mesh has Explicit axes (a select needs its cases sharded alike: a
+    ZeRO-1 slot and its replicated gradient are not); elsewhere ``xs`` as they are."""
+    sharding = getattr(jax.typeof(ref), "sharding", None)
+    types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
+    if not any(t == jax.sharding.AxisType.Explicit for t in types):
+        return xs
+    return tuple(x if jax.typeof(x).sharding == sharding else jax.sharding.reshard(x, sharding) for x in xs)
 
 
 def sign(x):
