@@ -80,14 +80,15 @@ def slot_zeros(param, shape):
 
 
 def lerp(start, end, weight):
-    """``torch.lerp`` with a scalar weight, bit for bit: torch's two branches, ``start + w * (end - start)`` for
-    ``|w| < 0.5``, else ``end - (end - start) * (1 - w)``, written as one expression ``base + c * (end - start)``
-    whose ``base`` (``start`` or ``end``) and ``c`` (``w`` or ``-(1 - w)``: ``x + (-y)`` is ``x - y``, signed zeros
-    included) the scalar test picks: one select of an input instead of both branches computed for every element."""
+    """``torch.lerp`` with a scalar weight, bit for bit as torch's vectorized CPU kernel computes it: the base
+    (``start`` if ``|w| < 0.5``, else ``end``) plus a coefficient (``w``, else ``w - 1``) times ``end - start``.
+    The same numbers as torch's two-branch formula (``start + w * (end - start)``, else
+    ``end - (end - start) * (1 - w)``) except the sign of a zero result at ``w = 1`` (where torch's vectorized
+    kernel and the formula differ too); one select of an input per element instead of both branches."""
     small = jnp.abs(weight) < 0.5
     diff = end - start
     base = jnp.where(small, *_sharded_like(diff, start, end))
-    return base + jnp.where(small, weight, -(1 - weight)) * diff
+    return base + jnp.where(small, weight, weight - 1) * diff
 
 
 def _sharded_like(ref, *xs):
