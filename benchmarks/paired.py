@@ -17,8 +17,8 @@ When an implementation is built matters by itself: its buffers (and, with 2001 l
 code) depend on it, and the same compiled step with buffers built at different times ran 28.2-29.9 ms
 on ``adamw_48x``; on ``adamw_2001`` copies built later ran up to 20 % slower than the first. So every
 implementation gets its own parameters, state *and gradients* and compiles its own step, and
-``--balanced`` builds one copy of each in every rotation of the order (every implementation holds every
-build position once) and reports the mean of the copies per round. Use it (or at least ``--mirror``)
+``--balanced`` builds, after one untimed copy, one copy of each in every rotation of the order (every
+implementation holds every build position once) and reports the mean of the copies per round. Use it (or at least ``--mirror``)
 before reading a few percent into the ratios.
 
     .venv/bin/python benchmarks/paired.py [--workload adamw_2001] [--rounds 60] [--quick] [--floor-array] [--floor-tree] [--order A,B,..] [--reverse] [--mirror | --balanced] [--overhead]
