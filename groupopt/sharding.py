@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-__all__ = ["zero1", "replicated", "constrain", "fit", "leaf_shardings", "state_bytes_per_device", "state_bytes_per_process"]
+__all__ = ["zero1", "replicated", "constrain", "explicit", "fit", "leaf_shardings", "state_bytes_per_device", "state_bytes_per_process"]
 
 StateSharding = Callable[[str, jax.Array], "jax.sharding.Sharding | None"]
 
@@ -91,10 +91,16 @@ def constrain(x, sharding):
 
     ``sharding`` is first :func:`fit` to ``x``'s shape (state not shaped like its parameter)."""
     sharding = fit(sharding, x.shape)
-    types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
-    if any(t == jax.sharding.AxisType.Explicit for t in types):
+    if explicit(sharding):
         return jax.sharding.reshard(x, sharding)
     return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def explicit(sharding) -> bool:
+    """Whether ``sharding`` lies on a mesh with Explicit axes (shardings part of the types: ``reshard``,
+    and operands of one select sharded alike) rather than Auto ones (constraints, XLA decides)."""
+    types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
+    return any(t == jax.sharding.AxisType.Explicit for t in types)
 
 
 def leaf_shardings(fn: StateSharding | None, paths: Sequence[str], leaves: Sequence) -> list | None:

@@ -509,7 +509,8 @@ class Optimizer(StateDictMixin):
             return new_values, new_groups, count + 1
 
         # the gradients come flat, their structure static: step() flattens them anyway (to check them), and a
-        # flat list is cheaper for jit's dispatch than a nested dict (about 0.3 ms a call at 2001 leaves)
+        # flat list plus a static structure is cheaper for jit's dispatch than the nested dict (2001 leaves:
+        # 1.32 ms a call against 1.44-1.52 ms, flattening included)
         fn = self._step_fns[key] = jax.jit(step, donate_argnums=(0, 2), static_argnums=(5,))
         return fn
 

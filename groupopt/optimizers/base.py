@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..grad_checks import is_sparse
+from ..sharding import explicit, fit
 
 __all__ = ["ABSENT_SHAPE", "Rule", "hparam_dtype", "lerp", "sign", "slot_zeros", "stored", "torch_scalar", "torch_scalar_dtype"]
 
@@ -73,8 +74,6 @@ def slot_zeros(param, shape):
     out = jnp.zeros(shape, param.dtype)
     sharding = None if isinstance(param, jax.core.Tracer) else getattr(param, "sharding", None)
     if sharding is not None:
-        from ..sharding import fit
-
         out = jax.device_put(out, fit(sharding, shape))
     return out
 
@@ -95,8 +94,7 @@ def _sharded_like(ref, *xs):
     """``xs`` on ``ref``'s sharding where the mesh has Explicit axes (a select needs its cases sharded alike: a
     ZeRO-1 slot and its replicated gradient are not); elsewhere ``xs`` as they are."""
     sharding = getattr(jax.typeof(ref), "sharding", None)
-    types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
-    if not any(t == jax.sharding.AxisType.Explicit for t in types):
+    if not explicit(sharding):
         return xs
     return tuple(x if jax.typeof(x).sharding == sharding else jax.sharding.reshard(x, sharding) for x in xs)
 
