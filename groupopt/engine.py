@@ -127,11 +127,10 @@ def _pack(coef: dict) -> dict:
     one array that every member's kernel reads its coefficients from.
 
     Each kernel then takes one operand for its coefficients instead of one per coefficient (AdamW's
-    third kernel: 4 operands instead of 8), and on a step over thousands of small leaves the cost per
-    kernel operand is what is left over the hand-written floor (adamw_2001: groupopt 1.000x the floor,
-    1.017x unpacked; see benchmarks/README.md). The barrier keeps XLA from folding the slices back into
-    the separate scalars, and from fusing (and so repeating) the scalar work into every element of
-    every leaf's update loop.
+    third kernel: 4 operands instead of 8). On a step over thousands of small leaves, cost per kernel is
+    most of the step: unpacked, adamw_2001 ran 1.026x as long (benchmarks/README.md). The barrier keeps
+    XLA from folding the slices back into the separate scalars, and from fusing (and so repeating) the
+    scalar work into every element of every leaf's update loop.
     """
     floating = {}  # per shape, the dtype its flags (bool coefficients) travel in: 0.0 or 1.0, read back as ``!= 0``
     for v in coef.values():
