@@ -198,15 +198,13 @@ def main(argv=None):
     if args.balanced and args.mirror:
         ap.error("--balanced and --mirror are two ways of cancelling the build position: choose one")
     sequence = build_sequence(order, mirror=args.mirror, balanced=args.balanced)
-    # the first copy built in a process runs slower than its later twins (adamw_48x: 29.1 ms against 27.1-27.3 ms for
-    # the other copies of the same implementation, whichever one is built first): an untimed copy takes that place
-    # It must run (compile) at once: built but not yet compiled (as before 2026-12-02, when every copy compiled in
-    # the warm-up), it left the first compiled program to the first timed copy, which then ran up to 20 % faster
-    # than its twins on adamw_2001. Every copy now compiles when it is built, so its program and buffers both
-    # take its build position.
-    untimed = [make[order[-1]]()] if (args.balanced or args.mirror) else []
-    for fn in untimed:
-        jax.block_until_ready(fn())
+    # The first copy built in a process runs unlike its later twins (adamw_48x: 29.1 ms against 27.1-27.3 ms): an
+    # untimed copy takes that place. Every copy, this one too, runs (compiles) when it is built, so that its program
+    # takes its build position as its buffers do: compiled later, in the warm-up, the first *compiled* program went to
+    # the first timed copy, up to 20 % faster than its twins on adamw_2001.
+    if args.balanced or args.mirror:
+        untimed = make[order[-1]]()  # kept alive, never timed
+        jax.block_until_ready(untimed())
     steps = {}
     for name, copy in sequence:
         steps[f"{name}#{copy}"] = fn = make[name]()
